@@ -1,0 +1,34 @@
+"""The checkpoint library: typed checkpoints, atomic stores, strict rotation. Usable without the trainer.
+
+>>> from ml_playground.checkpoint import Checkpoint, CheckpointManager, KeepPolicy, LocalStore
+>>> manager = CheckpointManager(LocalStore(path, create=True), KeepPolicy(last=2, best=1))
+>>> manager.save_last(checkpoint); manager.load_latest()
+"""
+
+from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint
+from ml_playground.checkpoint._codec import decode, encode
+from ml_playground.checkpoint._manager import CheckpointInfo, CheckpointManager, MetricMode, improves
+from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName
+from ml_playground.checkpoint._rotation import KeepPolicy, to_delete
+from ml_playground.checkpoint._store import CheckpointStore, StoredObject
+from ml_playground.checkpoint.stores import FileOps, LocalStore, open_store
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointInfo",
+    "CheckpointKind",
+    "CheckpointManager",
+    "CheckpointName",
+    "CheckpointStore",
+    "FileOps",
+    "KeepPolicy",
+    "LocalStore",
+    "MetricMode",
+    "StoredObject",
+    "decode",
+    "encode",
+    "improves",
+    "open_store",
+    "to_delete",
+]

@@ -1,0 +1,92 @@
+"""The typed checkpoint value: what is saved, what is loaded. Never a bare dict at a public boundary."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import torch
+
+from ml_playground.errors import CheckpointSchemaError
+
+__all__ = ["FORMAT_VERSION", "Checkpoint", "PlainData", "StateDict", "check_plain_tree"]
+
+FORMAT_VERSION = 1
+"""The version this package writes. Older versions load through migrations; newer ones are refused."""
+
+PlainData: TypeAlias = bool | int | float | str | list["PlainData"] | dict[str, "PlainData"] | None
+StateDict: TypeAlias = Mapping[str, torch.Tensor]
+
+_PLAIN_SCALARS = (type(None), bool, int, float, str)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Checkpoint:
+    """One training state.
+
+    ``model``/``ema`` are module state dicts; ``optimizer`` is an optimizer state dict (tensors and
+    plain data); ``rng_state`` holds generator states as tensors and ``data_state`` the data position,
+    which is what a bitwise-identical resume needs. ``best_val_loss`` is the best value so far of the
+    configured metric (for a "best" checkpoint, the value that made it best). ``config`` is plain data
+    with no secrets.
+    """
+
+    model: StateDict
+    optimizer: Mapping[str, Any]
+    model_args: Mapping[str, PlainData]
+    iter_num: int
+    best_val_loss: float
+    config: Mapping[str, PlainData] = field(default_factory=dict)
+    ema: StateDict | None = None
+    rng_state: StateDict = field(default_factory=dict)
+    data_state: Mapping[str, PlainData] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iter_num, bool) or not isinstance(self.iter_num, int) or self.iter_num < 0:
+            raise CheckpointSchemaError(f"iter_num must be an int >= 0, got {self.iter_num!r}")
+        if isinstance(self.best_val_loss, bool) or not isinstance(self.best_val_loss, (int, float)):
+            raise CheckpointSchemaError(f"best_val_loss must be a float, got {self.best_val_loss!r}")
+        object.__setattr__(self, "best_val_loss", float(self.best_val_loss))
+        _check_state_dict("model", self.model)
+        _check_state_dict("rng_state", self.rng_state)
+        if self.ema is not None:
+            _check_state_dict("ema", self.ema)
+        check_plain_tree("optimizer", self.optimizer, tensors_allowed=True)
+        for name in ("model_args", "config", "data_state"):
+            check_plain_tree(name, getattr(self, name), tensors_allowed=False)
+
+    @property
+    def has_ema(self) -> bool:
+        return self.ema is not None
+
+    @property
+    def has_finite_metric(self) -> bool:
+        return math.isfinite(self.best_val_loss)
+
+
+def _check_state_dict(name: str, state: object) -> None:
+    if not isinstance(state, Mapping):
+        raise CheckpointSchemaError(f"{name} must be a mapping of str to tensors, got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointSchemaError(f"{name} must map str to tensors; entry {key!r} is {type(value).__name__}")
+
+
+def check_plain_tree(where: str, value: object, *, tensors_allowed: bool) -> None:
+    """Raise unless ``value`` is plain data (None, bool, int, float, str, list, tuple, dict) [and tensors]."""
+    if isinstance(value, _PLAIN_SCALARS) or (tensors_allowed and isinstance(value, torch.Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_plain_tree(f"{where}[{i}]", item, tensors_allowed=tensors_allowed)
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise CheckpointSchemaError(f"{where} has a key of type {type(key).__name__}: {key!r}")
+            check_plain_tree(f"{where}.{key}", item, tensors_allowed=tensors_allowed)
+        return
+    allowed = "tensors and plain data" if tensors_allowed else "plain data (no tensors)"
+    raise CheckpointSchemaError(f"{where} holds a {type(value).__name__}; only {allowed} may be saved")

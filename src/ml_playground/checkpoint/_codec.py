@@ -1,0 +1,222 @@
+"""Checkpoint <-> bytes.
+
+A file is a plain ``torch.save`` archive of tensors and plain data, so ``torch.load(weights_only=True)``
+reads it without this package. Its top level is::
+
+    {"format": "ml_playground.checkpoint", "format_version": 1,
+     "meta": {iter_num, best_val_loss, model_args, config, data_state},
+     "model": {...}, "optimizer": {...}, "ema": {...} | None, "rng_state": {...},
+     "integrity": {"algorithm": "xxh3_64", "structure": HEX, "tensors": [HEX, ...]}}
+
+``integrity.tensors`` holds one digest of every tensor's bytes in traversal order; ``structure`` covers
+every key, plain value, dtype and shape. ``torch.load`` itself detects no flipped byte in tensor data,
+so these digests are what make a damaged file an error instead of a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import pickle
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any
+
+import torch
+import xxhash
+
+from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, check_plain_tree
+from ml_playground.errors import (
+    CheckpointCorruptError,
+    CheckpointSchemaError,
+    CheckpointVersionError,
+    MLPlaygroundError,
+    UnsafeCheckpointError,
+)
+
+__all__ = ["FORMAT_MAGIC", "MIGRATIONS", "decode", "encode"]
+
+FORMAT_MAGIC = "ml_playground.checkpoint"
+_ALGORITHM = "xxh3_64"
+_TENSOR_SECTIONS = ("model", "optimizer", "ema", "rng_state")
+
+Payload = dict[str, Any]
+MIGRATIONS: dict[int, Callable[[Payload], Payload]] = {}
+"""``MIGRATIONS[v]`` turns a verified payload of format version ``v`` into version ``v + 1``."""
+
+
+def encode(checkpoint: Checkpoint, stream: IO[bytes]) -> None:
+    """Write ``checkpoint`` to ``stream`` (which need not be seekable)."""
+    payload: Payload = {
+        "format": FORMAT_MAGIC,
+        "format_version": FORMAT_VERSION,
+        "meta": {
+            "iter_num": checkpoint.iter_num,
+            "best_val_loss": checkpoint.best_val_loss,
+            "model_args": dict(checkpoint.model_args),
+            "config": dict(checkpoint.config),
+            "data_state": dict(checkpoint.data_state),
+        },
+        "model": dict(checkpoint.model),
+        "optimizer": dict(checkpoint.optimizer),
+        "ema": None if checkpoint.ema is None else dict(checkpoint.ema),
+        "rng_state": dict(checkpoint.rng_state),
+    }
+    payload["integrity"] = _integrity(payload)
+    torch.save(payload, stream)
+
+
+def decode(
+    stream: IO[bytes],
+    *,
+    source: str,
+    map_location: torch.device | str | None = None,
+    verify: bool = True,
+) -> Checkpoint:
+    """Read, check and return the checkpoint in ``stream``; ``source`` names it in every error."""
+    payload = _load_payload(stream, source, map_location)
+    version = _check_header(payload, source)
+    if verify:
+        _verify_integrity(payload, source)
+    while version < FORMAT_VERSION:
+        payload = MIGRATIONS[version](payload)
+        version += 1
+    return _to_checkpoint(payload, source)
+
+
+def _load_payload(stream: IO[bytes], source: str, map_location: torch.device | str | None) -> Any:
+    try:
+        return torch.load(stream, map_location=map_location, weights_only=True)
+    except MLPlaygroundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise UnsafeCheckpointError(
+                f"{source} holds objects other than tensors and plain data; it was refused without "
+                "running any of its code. Only load checkpoints written by ml_playground."
+            ) from None
+        raise CheckpointCorruptError(f"{source} is damaged: its metadata cannot be read ({_first_line(exc)})") from None
+    except (RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError, OSError) as exc:
+        raise CheckpointCorruptError(
+            f"{source} is not a readable checkpoint (truncated or damaged: {_first_line(exc)})"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _check_header(payload: Any, source: str) -> int:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_MAGIC:
+        raise CheckpointSchemaError(f"{source} is not an ml_playground checkpoint (no format marker)")
+    version = payload.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointSchemaError(f"{source} has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointVersionError(
+            f"{source} was written in format version {version}; this ml_playground reads up to "
+            f"{FORMAT_VERSION}. Upgrade ml_playground to load it."
+        )
+    missing = {"meta", "integrity", *_TENSOR_SECTIONS} - payload.keys()
+    if missing:
+        raise CheckpointSchemaError(f"{source} lacks the field(s) {', '.join(sorted(missing))}")
+    return version
+
+
+def _verify_integrity(payload: Payload, source: str) -> None:
+    stored = payload["integrity"]
+    if not isinstance(stored, dict) or stored.get("algorithm") != _ALGORITHM:
+        raise CheckpointCorruptError(f"{source} has no readable integrity record")
+    body = {key: value for key, value in payload.items() if key != "integrity"}
+    try:
+        check_plain_tree("checkpoint", body, tensors_allowed=True)
+    except CheckpointSchemaError as exc:
+        raise UnsafeCheckpointError(f"{source}: {exc}") from None
+    actual = _integrity(body)
+    if stored.get("structure") != actual["structure"]:
+        raise CheckpointCorruptError(
+            f"{source} is damaged: its metadata does not match its checksum. Delete it, or restore it from a copy."
+        )
+    expected_tensors = stored.get("tensors")
+    if not isinstance(expected_tensors, list) or len(expected_tensors) != len(actual["tensors"]):
+        raise CheckpointCorruptError(f"{source} is damaged: its tensor checksums are incomplete")
+    for (path, _), want, got in zip(_tensors(body), expected_tensors, actual["tensors"], strict=True):
+        if want != got:
+            raise CheckpointCorruptError(
+                f"{source} is damaged: the bytes of tensor {path} do not match their checksum. "
+                "Delete it, or restore it from a copy."
+            )
+
+
+def _integrity(body: Mapping[str, Any]) -> dict[str, Any]:
+    structure = xxhash.xxh3_64()
+    for token in _structure_tokens(body):
+        structure.update(token.encode("utf-8", "surrogatepass"))
+    return {
+        "algorithm": _ALGORITHM,
+        "structure": structure.hexdigest(),
+        "tensors": [tensor_digest(tensor) for _, tensor in _tensors(body)],
+    }
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """xxh3 of a tensor's logical bytes, read in place (no copy for a contiguous CPU tensor)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.resolve_conj().resolve_neg().contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return xxhash.xxh3_64_hexdigest(b"")
+    return xxhash.xxh3_64_hexdigest((ctypes.c_char * nbytes).from_address(tensor.data_ptr()))
+
+
+def _tensors(tree: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from _tensors(value, f"{path}[{index}]")
+
+
+def _structure_tokens(tree: Any) -> Iterator[str]:
+    if isinstance(tree, torch.Tensor):
+        yield f"T{tree.dtype}{tuple(tree.shape)};"
+    elif isinstance(tree, Mapping):
+        yield f"{{{len(tree)};"
+        for key, value in tree.items():
+            yield f"{type(key).__name__}:{key!r};"
+            yield from _structure_tokens(value)
+    elif isinstance(tree, (list, tuple)):
+        yield f"[{type(tree).__name__}{len(tree)};"
+        for value in tree:
+            yield from _structure_tokens(value)
+    elif isinstance(tree, float):
+        yield f"f{tree.hex()};"
+    else:
+        yield f"{type(tree).__name__}:{tree!r};"
+
+
+def _to_checkpoint(payload: Payload, source: str) -> Checkpoint:
+    meta = payload["meta"]
+    if not isinstance(meta, dict):
+        raise CheckpointSchemaError(f"{source}: meta must be a table, got {type(meta).__name__}")
+    missing = {"iter_num", "best_val_loss", "model_args", "config", "data_state"} - meta.keys()
+    if missing:
+        raise CheckpointSchemaError(f"{source} lacks the field(s) {', '.join(sorted('meta.' + m for m in missing))}")
+    try:
+        return Checkpoint(
+            model=payload["model"],
+            optimizer=payload["optimizer"],
+            ema=payload["ema"],
+            rng_state=payload["rng_state"],
+            iter_num=meta["iter_num"],
+            best_val_loss=meta["best_val_loss"],
+            model_args=meta["model_args"],
+            config=meta["config"],
+            data_state=meta["data_state"],
+        )
+    except CheckpointSchemaError as exc:
+        raise CheckpointSchemaError(f"{source}: {exc}") from None

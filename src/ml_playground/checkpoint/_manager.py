@@ -1,0 +1,206 @@
+"""CheckpointManager: names, discovery, save-then-rotate, and validated loads over any CheckpointStore."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+import torch
+
+from ml_playground.checkpoint._checkpoint import Checkpoint
+from ml_playground.checkpoint._codec import decode, encode
+from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, format_metric, is_checkpoint_like
+from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
+from ml_playground.checkpoint._store import CheckpointStore
+from ml_playground.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointRotatedAwayError,
+    CheckpointSchemaError,
+)
+
+__all__ = ["CheckpointInfo", "CheckpointManager", "MetricMode", "improves"]
+
+logger = logging.getLogger(__name__)
+
+MetricMode = Literal["min", "max"]
+MapLocation = torch.device | str | None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint as listed: its parsed name plus what the store knows of it."""
+
+    name: CheckpointName
+    size: int
+    modified: datetime | None
+
+    @property
+    def filename(self) -> str:
+        return self.name.filename
+
+    @property
+    def kind(self) -> CheckpointKind:
+        return self.name.kind
+
+    @property
+    def iter_num(self) -> int:
+        return self.name.iter_num
+
+
+def improves(value: float, best: float, mode: MetricMode) -> bool:
+    """Whether ``value`` strictly beats ``best``; NaN and infinities never improve."""
+    if not math.isfinite(value):
+        return False
+    if not math.isfinite(best):
+        return True
+    return value < best if mode == "min" else value > best
+
+
+class CheckpointManager:
+    """Saves, rotates and loads the checkpoints of one run location.
+
+    After every successful save exactly ``min(keep.<kind>, n)`` checkpoints of each kind remain;
+    rotation runs only after the new file is committed and never deletes it. A kind with
+    ``keep = 0`` is never written. Discovery parses names (never mtime, never string order), so a new
+    manager on an existing location continues the same rotation.
+    """
+
+    def __init__(self, store: CheckpointStore, keep: KeepPolicy | None = None, mode: MetricMode = "min") -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.store = store
+        self.keep = keep or KeepPolicy()
+        self.mode: MetricMode = mode
+
+    # ------------------------------------------------------------ discovery
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, newest first; a ``ckpt_`` file that does not parse raises."""
+        infos = [
+            CheckpointInfo(CheckpointName.parse(obj.name), obj.size, obj.modified)
+            for obj in self.store.list()
+            if is_checkpoint_like(obj.name)
+        ]
+        return sorted(infos, key=lambda i: (i.iter_num, i.kind is CheckpointKind.LAST), reverse=True)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The highest iteration over both kinds; on a tie the last checkpoint (same state)."""
+        infos = self.checkpoints()
+        return infos[0] if infos else None
+
+    def best(self) -> CheckpointInfo | None:
+        """The best-metric checkpoint (ties: the newer one)."""
+        by_name = {info.name: info for info in self.checkpoints() if info.kind is CheckpointKind.BEST}
+        ranked = best_first(by_name, self.mode)
+        return by_name[ranked[0]] if ranked else None
+
+    def newest_last(self) -> CheckpointInfo | None:
+        by_name = {info.name: info for info in self.checkpoints() if info.kind is CheckpointKind.LAST}
+        ranked = newest_first(by_name)
+        return by_name[ranked[0]] if ranked else None
+
+    # ------------------------------------------------------------ saving
+
+    def save_last(self, checkpoint: Checkpoint) -> CheckpointName | None:
+        """Save ``checkpoint`` as a "last" checkpoint and rotate; None when ``keep.last`` is 0."""
+        if self.keep.last == 0:
+            return None
+        return self._save(CheckpointName.last(checkpoint.iter_num), checkpoint)
+
+    def save_best(self, checkpoint: Checkpoint) -> CheckpointName | None:
+        """Save ``checkpoint`` as a "best" checkpoint named by its ``best_val_loss``; None when ``keep.best`` is 0.
+
+        A NaN or infinite metric is never best: it raises.
+        """
+        if not checkpoint.has_finite_metric:
+            raise CheckpointError(
+                f"a best checkpoint needs a finite metric; iteration {checkpoint.iter_num} has "
+                f"{checkpoint.best_val_loss!r}"
+            )
+        if self.keep.best == 0:
+            return None
+        return self._save(CheckpointName.best(checkpoint.iter_num, checkpoint.best_val_loss), checkpoint)
+
+    def _save(self, name: CheckpointName, checkpoint: Checkpoint) -> CheckpointName:
+        existing = self.checkpoints()
+        newest = max((info.iter_num for info in existing), default=-1)
+        if checkpoint.iter_num < newest:
+            raise CheckpointError(
+                f"refusing to save iteration {checkpoint.iter_num} into {self.store.url}, which holds "
+                f"iteration {newest}: a run never goes back in time. Use a new out_dir for a new run."
+            )
+        with self.store.write(name.filename) as stream:
+            encode(checkpoint, stream)
+        logger.info("saved %s/%s", self.store.url, name.filename)
+        self.rotate(protect=name)
+        return name
+
+    def rotate(self, protect: CheckpointName | None = None) -> list[CheckpointName]:
+        """Delete what the keep policy does not keep, from a fresh listing; a failed delete raises."""
+        doomed = to_delete((info.name for info in self.checkpoints()), self.keep, self.mode, protect)
+        for name in doomed:
+            self.store.delete(name.filename)
+            logger.info("rotated away %s/%s", self.store.url, name.filename)
+        return doomed
+
+    # ------------------------------------------------------------ loading
+
+    def load(self, filename: str, *, map_location: MapLocation = None, verify: bool = True) -> Checkpoint:
+        """Load one checkpoint by file name and check that its content matches its name."""
+        name = CheckpointName.parse(filename)
+        source = f"{self.store.url}/{filename}"
+        try:
+            with self.store.open(filename) as stream:
+                checkpoint = decode(stream, source=source, map_location=map_location, verify=verify)
+        except CheckpointNotFoundError:
+            raise self._not_found(name, source) from None
+        _check_matches_name(checkpoint, name, source)
+        return checkpoint
+
+    def load_latest(self, *, map_location: MapLocation = None, verify: bool = True) -> Checkpoint:
+        return self._load_chosen(self.latest(), "any", map_location, verify)
+
+    def load_best(self, *, map_location: MapLocation = None, verify: bool = True) -> Checkpoint:
+        return self._load_chosen(self.best(), "best", map_location, verify)
+
+    def choose(self, policy: Literal["latest", "best"]) -> CheckpointInfo:
+        """The checkpoint a read policy picks; none of that kind raises CheckpointNotFoundError."""
+        info = self.latest() if policy == "latest" else self.best()
+        if info is None:
+            kind = "" if policy == "latest" else "best "
+            raise CheckpointNotFoundError(f"no {kind}checkpoint in {self.store.url}")
+        return info
+
+    def _load_chosen(
+        self, info: CheckpointInfo | None, kind: str, map_location: MapLocation, verify: bool
+    ) -> Checkpoint:
+        if info is None:
+            what = "checkpoint" if kind == "any" else f"{kind} checkpoint"
+            raise CheckpointNotFoundError(f"no {what} in {self.store.url}")
+        return self.load(info.filename, map_location=map_location, verify=verify)
+
+    def _not_found(self, name: CheckpointName, source: str) -> CheckpointNotFoundError:
+        newer = [info for info in self.checkpoints() if info.kind is name.kind and info.iter_num > name.iter_num]
+        if newer:
+            return CheckpointRotatedAwayError(
+                f"{source} was rotated away (a newer {name.kind.value} checkpoint, {newer[0].filename}, "
+                "replaced it); load the newer one"
+            )
+        return CheckpointNotFoundError(f"no checkpoint {source}")
+
+
+def _check_matches_name(checkpoint: Checkpoint, name: CheckpointName, source: str) -> None:
+    if checkpoint.iter_num != name.iter_num:
+        raise CheckpointSchemaError(
+            f"{source} holds iteration {checkpoint.iter_num}, but its name says {name.iter_num}; "
+            "it was renamed or damaged"
+        )
+    if name.metric is not None and format_metric(checkpoint.best_val_loss) != format_metric(name.metric):
+        raise CheckpointSchemaError(
+            f"{source} holds metric {format_metric(checkpoint.best_val_loss)}, but its name says "
+            f"{format_metric(name.metric)}; it was renamed or damaged"
+        )

@@ -1,0 +1,52 @@
+"""The storage protocol every checkpoint store implements: a few verbs on named objects in one location."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, Protocol, runtime_checkable
+
+__all__ = ["TEMP_PREFIX", "CheckpointStore", "StoredObject"]
+
+TEMP_PREFIX = ".ckpt-partial."
+"""Prefix of an in-flight save's temporary object; no checkpoint name can start with it."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A committed object in a store."""
+
+    name: str
+    size: int
+    modified: datetime | None
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Named objects in one location, with atomic writes.
+
+    - ``write(name)`` yields a binary stream; the object becomes visible under ``name`` only when the
+      ``with`` block ends without an exception, complete and durable. On any exception (including
+      ``KeyboardInterrupt``) nothing appears under ``name`` and the exception propagates. A name that is
+      already committed raises :class:`~ml_playground.errors.CheckpointExistsError`: never overwritten.
+    - ``open(name)`` yields a readable, seekable binary stream of a committed object.
+    - ``list()`` returns the committed objects, read fresh from the store (never a stale cache), and
+      never an in-flight temporary.
+    - ``delete(name)`` removes a committed object; failure raises.
+
+    Every failure is raised as a :class:`~ml_playground.errors.CheckpointError` naming the path or URL.
+    """
+
+    @property
+    def url(self) -> str:
+        """The location, as a path or URL a user recognises."""
+        ...
+
+    def write(self, name: str) -> AbstractContextManager[IO[bytes]]: ...
+
+    def open(self, name: str) -> AbstractContextManager[IO[bytes]]: ...
+
+    def list(self) -> list[StoredObject]: ...
+
+    def delete(self, name: str) -> None: ...

@@ -1,0 +1,240 @@
+"""LocalStore: checkpoints as files in one directory, committed by fsync + rename + directory fsync."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from ml_playground.checkpoint._store import TEMP_PREFIX, StoredObject
+from ml_playground.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    StorageError,
+    StorageUnavailableError,
+)
+
+__all__ = ["FileOps", "LocalStore"]
+
+_HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+_UNAVAILABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+class FileOps:
+    """The file-system calls a save makes, in one place, so tests can fail the N-th one for real.
+
+    Subclass and override to inject faults; the default calls the OS.
+    """
+
+    def open(self, path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+    def write(self, fd: int, data: memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        _full_fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            _full_fsync(fd)
+        finally:
+            os.close(fd)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+
+def _full_fsync(fd: int) -> None:
+    if sys.platform == "darwin":  # macOS's fsync does not flush the drive's cache; F_FULLFSYNC does
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+    else:
+        os.fsync(fd)
+
+
+class _FdWriter(io.RawIOBase):
+    """A raw binary stream over a file descriptor whose every write goes through ``FileOps``."""
+
+    def __init__(self, fd: int, ops: FileOps) -> None:
+        self._fd: int | None = fd
+        self._ops = ops
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise ValueError("write to a released checkpoint stream")
+        return self._fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        return self._ops.write(self.fd, view)
+
+    def release(self, *, quiet: bool = False) -> None:
+        """Close the descriptor; later writes (e.g. a buffer flushed at garbage collection) raise."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if quiet:
+            with contextlib.suppress(OSError):
+                self._ops.close(fd)
+        else:
+            self._ops.close(fd)
+
+
+class LocalStore:
+    """Checkpoints as files in ``path``.
+
+    A save writes ``.ckpt-partial.<host>.<pid>.<token>.<name>`` in the same directory, fsyncs it,
+    renames it onto ``name`` and fsyncs the directory. Temporaries left by a writer that died are
+    never listed, and the next writer on the same host removes them.
+    """
+
+    def __init__(self, path: Path, *, create: bool = False, file_ops: FileOps | None = None) -> None:
+        self._path = Path(path)
+        self._ops = file_ops or FileOps()
+        if create:
+            self._create()
+        elif not self._path.is_dir():
+            raise CheckpointNotFoundError(f"checkpoint location {self._path} does not exist or is not a directory")
+
+    @property
+    def url(self) -> str:
+        return str(self._path)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def _create(self) -> None:
+        try:
+            self._path.mkdir(parents=True, exist_ok=True)
+            probe = self._path / f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.probe"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise _translate(exc, f"cannot use {self._path} as a checkpoint location", self._path) from None
+
+    def list(self) -> list[StoredObject]:
+        try:
+            with os.scandir(self._path) as entries:
+                found = []
+                for entry in entries:
+                    if entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+                        continue
+                    stat = entry.stat(follow_symlinks=False)
+                    found.append(StoredObject(entry.name, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
+        except OSError as exc:
+            raise _translate(exc, f"cannot list {self._path}", self._path) from None
+        return sorted(found, key=lambda obj: obj.name)
+
+    @contextlib.contextmanager
+    def open(self, name: str) -> Iterator[IO[bytes]]:
+        path = self._child(name)
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below, after the caller's block
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"no checkpoint {path}") from None
+        except OSError as exc:
+            raise _translate(exc, f"cannot open {path}", path) from None
+        with handle:
+            yield handle
+
+    def delete(self, name: str) -> None:
+        path = self._child(name)
+        try:
+            self._ops.unlink(path)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"cannot delete {path}: it does not exist") from None
+        except OSError as exc:
+            raise _translate(exc, f"cannot delete {path}", path) from None
+
+    @contextlib.contextmanager
+    def write(self, name: str) -> Iterator[IO[bytes]]:
+        final = self._child(name)
+        if final.exists():
+            raise CheckpointExistsError(f"{final} already exists; checkpoints are never overwritten")
+        self._remove_stale_temporaries()
+        temp = self._path / f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}.{name}"
+        committed = False
+        raw: _FdWriter | None = None
+        try:
+            raw = _FdWriter(self._ops.open(temp), self._ops)
+            stream = io.BufferedWriter(raw, buffer_size=1 << 20)
+            yield stream
+            stream.flush()
+            self._ops.fsync(raw.fd)
+            raw.release()
+            if final.exists():
+                raise CheckpointExistsError(f"{final} was written by another writer meanwhile; not overwritten")
+            self._ops.replace(temp, final)
+            committed = True
+            self._ops.fsync_dir(self._path)
+        except BaseException as exc:
+            if raw is not None:
+                raw.release(quiet=True)
+            for path in (temp, final if committed else None):
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            if isinstance(exc, OSError):
+                raise _translate(exc, f"saving {final} failed; earlier checkpoints are intact", final) from None
+            raise
+
+    def _remove_stale_temporaries(self) -> None:
+        try:
+            names = [n for n in os.listdir(self._path) if n.startswith(TEMP_PREFIX)]
+        except OSError as exc:
+            raise _translate(exc, f"cannot list {self._path}", self._path) from None
+        for name in names:
+            host, _, rest = name[len(TEMP_PREFIX) :].partition(".")
+            pid_text = rest.partition(".")[0]
+            if host == _HOST_TAG and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path / name)
+
+    def _child(self, name: str) -> Path:
+        if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(TEMP_PREFIX):
+            raise ValueError(f"{name!r} is not a valid object name in {self._path}")
+        return self._path / name
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _translate(exc: OSError, what: str, path: Path) -> StorageError:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"{what}: no space left on the device holding {path}; free space and retry")
+    if exc.errno in _UNAVAILABLE_ERRNOS:
+        return StorageUnavailableError(f"{what}: {reason} ({path}); check that the location is writable")
+    return StorageError(f"{what}: {reason} ({path})")

@@ -1,0 +1,94 @@
+"""Shared fixtures: small real checkpoints, and an isolated environment for every test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml_playground.checkpoint import Checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test reads the developer's AWS config or probes the instance-metadata address."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "aws-credentials"))
+    for name in (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def make_checkpoint(
+    iter_num: int = 0,
+    best_val_loss: float = 1.0,
+    *,
+    width: int = 8,
+    seed: int = 0,
+    ema: bool = False,
+) -> Checkpoint:
+    """A real model + AdamW state after one step, deterministic in ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.LayerNorm(width))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(3, width, generator=generator)).sum().backward()
+    optimizer.step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return Checkpoint(
+        model=state,
+        optimizer=optimizer.state_dict(),
+        model_args={"width": width},
+        iter_num=iter_num,
+        best_val_loss=best_val_loss,
+        config={"train": {"runtime": {"out_dir": "/tmp/run"}}},
+        ema={k: v * 0.5 for k, v in state.items()} if ema else None,
+        rng_state={"torch": torch.get_rng_state()},
+        data_state={"position": iter_num},
+    )
+
+
+@pytest.fixture
+def checkpoint_factory() -> Callable[..., Checkpoint]:
+    return make_checkpoint
+
+
+def assert_same_checkpoint(a: Checkpoint, b: Checkpoint) -> None:
+    assert a.iter_num == b.iter_num
+    assert a.best_val_loss == b.best_val_loss
+    assert dict(a.model_args) == dict(b.model_args)
+    assert dict(a.config) == dict(b.config)
+    assert dict(a.data_state) == dict(b.data_state)
+    assert a.model.keys() == b.model.keys()
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]), key
+    assert (a.ema is None) == (b.ema is None)
+    if a.ema is not None and b.ema is not None:
+        for key in a.ema:
+            assert torch.equal(a.ema[key], b.ema[key]), key
+    for key in a.rng_state:
+        assert torch.equal(a.rng_state[key], b.rng_state[key])
+    state_a, state_b = a.optimizer["state"], b.optimizer["state"]
+    assert state_a.keys() == state_b.keys()
+    for index in state_a:
+        for key, value in state_a[index].items():
+            assert torch.equal(value, state_b[index][key])
+    assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
