@@ -54,8 +54,8 @@ class S3Upload(io.RawIOBase):
         self._part_size = part_size
         self._max_concurrency = max_concurrency
         self._write_id = secrets.token_hex(16)
-        self._buffer = bytearray(part_size)
-        self._filled = 0
+        # parts travel as BytesIO: aiohttp streams a file object, while a large bytes body blocks its loop
+        self._buffer = io.BytesIO()
         self._size = 0
         self._upload_id: str | None = None
         self._next_part = 1
@@ -82,12 +82,11 @@ class S3Upload(io.RawIOBase):
         view = memoryview(data).cast("B")
         total = len(view)
         while view:
-            take = min(len(view), self._part_size - self._filled)
-            self._buffer[self._filled : self._filled + take] = view[:take]
-            self._filled += take
+            take = min(len(view), self._part_size - self._buffer.tell())
+            self._buffer.write(view[:take])
             view = view[take:]
-            if self._filled == self._part_size:
-                body, self._buffer, self._filled = self._buffer, bytearray(self._part_size), 0
+            if self._buffer.tell() == self._part_size:
+                body, self._buffer = self._buffer, io.BytesIO()
                 with translated("uploading a part of", self._url):
                     self._send_part(body)
         self._size += total
@@ -101,16 +100,17 @@ class S3Upload(io.RawIOBase):
             if self._upload_id is None:
                 self._commit_single()
             else:
-                if self._filled:
-                    self._send_part(bytes(memoryview(self._buffer)[: self._filled]))
+                if self._buffer.tell():
+                    self._send_part(self._buffer)
                 while self._in_flight:
                     self._collect(concurrent.futures.FIRST_EXCEPTION)
                 self._commit_multipart()
-        self._buffer = bytearray()
+        self._buffer = io.BytesIO()
         self.close()
 
     def _commit_single(self) -> None:
-        body = bytes(memoryview(self._buffer)[: self._filled])
+        body = self._buffer
+        body.seek(0)
         self._committing = True
         try:
             self._fs.call_s3(
@@ -167,7 +167,7 @@ class S3Upload(io.RawIOBase):
 
         Never raises (it runs while another exception propagates); what it cannot clean up it logs.
         """
-        self._buffer = bytearray()
+        self._buffer = io.BytesIO()
         self.close()
         try:
             self._cancel_in_flight()
@@ -213,7 +213,8 @@ class S3Upload(io.RawIOBase):
 
     # ------------------------------------------------------------ parts
 
-    def _send_part(self, body: bytes | bytearray) -> None:
+    def _send_part(self, body: io.BytesIO) -> None:
+        body.seek(0)
         if self._upload_id is None:
             response = self._fs.call_s3(
                 "create_multipart_upload",
@@ -229,7 +230,7 @@ class S3Upload(io.RawIOBase):
         future = asyncio.run_coroutine_threadsafe(self._upload_part(number, body), self._fs.loop)
         self._in_flight[future] = number
 
-    async def _upload_part(self, number: int, body: bytes | bytearray) -> dict[str, Any]:
+    async def _upload_part(self, number: int, body: io.BytesIO) -> dict[str, Any]:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
