@@ -12,6 +12,7 @@ The client talks to the proxy; the proxy relays to the real server. Two faults:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable
@@ -127,8 +128,6 @@ class _Connection:
 
 
 def _shut(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()
