@@ -58,6 +58,7 @@ class FsspecStore:
         create: bool = False,
         part_size_mib: int = 50,
         max_concurrency: int = 4,
+        read_block_size: int = READ_BLOCK_SIZE,
     ) -> None:
         scheme, sep, root = url.partition("://")
         if not sep or not root.strip("/"):
@@ -67,20 +68,23 @@ class FsspecStore:
         self._url = f"{self._scheme}://{root.strip('/')}"
         self._part_size = part_size_mib * _MIB
         self._max_concurrency = max_concurrency
+        self._read_block_size = read_block_size
         if create:
-            self._prove_writable()
+            self._prove_writable(fs)
 
     @classmethod
     def from_location(cls, location: RemoteLocation, *, create: bool) -> FsspecStore:
         """The store for a location that :mod:`ml_playground.config_loader` validated."""
         options = location.storage_options
-        return cls(
+        store = cls(
             make_filesystem(location),
             location.url,
-            create=create,
             part_size_mib=options.part_size_mib,
             max_concurrency=options.max_concurrency,
         )
+        if create:
+            store._prove_writable(_quick_filesystem(location) if location.scheme != "memory" else store._fs)
+        return store
 
     @property
     def url(self) -> str:
@@ -112,7 +116,7 @@ class FsspecStore:
     def open(self, name: str) -> Iterator[IO[bytes]]:
         url = self._child(name)
         with translated("opening", url):
-            handle = self._fs.open(url, "rb", block_size=READ_BLOCK_SIZE, cache_type="readahead")
+            handle = self._fs.open(url, "rb", block_size=self._read_block_size, cache_type="readahead")
         reader = _Reader(handle, url)
         try:
             yield reader  # type: ignore[misc]
@@ -189,14 +193,14 @@ class FsspecStore:
 
     # ------------------------------------------------------------ helpers
 
-    def _prove_writable(self) -> None:
+    def _prove_writable(self, fs: Any) -> None:
         probe = f"{self._url}/{TEMP_PREFIX}probe.{secrets.token_hex(4)}"
         try:
             with translated("checking that the checkpoint location is writable:", self._url):
                 if self._scheme == "memory":
-                    self._fs.makedirs(self._url, exist_ok=True)
-                self._fs.pipe_file(probe, b"")
-                self._fs.rm_file(probe)
+                    fs.makedirs(self._url, exist_ok=True)
+                fs.pipe_file(probe, b"")
+                fs.rm_file(probe)
         except CheckpointNotFoundError as exc:
             raise StorageUnavailableError(f"{exc}; the bucket or location does not exist") from exc
 
@@ -204,6 +208,18 @@ class FsspecStore:
         if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(TEMP_PREFIX):
             raise ValueError(f"{name!r} is not a valid object name in {self._url}")
         return f"{self._url}/{name}"
+
+
+def _quick_filesystem(location: RemoteLocation) -> Any:
+    """A filesystem with at most two attempts and a short connect timeout, for the probe at open.
+
+    A dead endpoint then fails in seconds; the store's own requests keep the configured retries.
+    """
+    options = location.storage_options
+    quick = options.model_copy(
+        update={"max_attempts": min(options.max_attempts, 2), "connect_timeout": min(options.connect_timeout, 5.0)}
+    )
+    return make_filesystem(location.model_copy(update={"storage_options": quick}))
 
 
 class _Reader(io.RawIOBase):
