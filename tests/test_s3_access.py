@@ -186,6 +186,7 @@ def _backend_errors() -> list[tuple[str, Callable[[], BaseException], type[Check
         ("ProfileNotFound", lambda: be.ProfileNotFound(profile="p"), StorageUnavailableError),
         ("aiohttp payload", lambda: aiohttp.ClientPayloadError("cut"), StorageError),
         ("gcs 403", lambda: HttpError({"code": 403, "message": "denied"}), StorageUnavailableError),
+        ("gcsfs Forbidden", lambda: OSError("Forbidden: https://storage/b/o\nno access"), StorageUnavailableError),
         ("gcs 412", lambda: HttpError({"code": 412, "message": "precondition"}), CheckpointExistsError),
         ("OSError", lambda: OSError(5, "I/O error"), StorageError),
         ("RuntimeError", lambda: RuntimeError("anything else"), StorageError),

@@ -191,3 +191,32 @@ def test_many_threads_saving_different_names_all_commit(store: FsspecStore) -> N
         thread.join(60)
     assert errors == []
     assert sorted(obj.size for obj in store.list()) == [6 * MIB, 6 * MIB + 1, 6 * MIB + 2]
+
+
+def test_parts_in_flight_and_memory_stay_bounded(s3_location: S3LocationFactory) -> None:
+    import tracemalloc
+
+    store = open_store(s3_location(part_size_mib=5, max_concurrency=2), create=True)
+    assert isinstance(store, FsspecStore)
+    events = store.filesystem.connect().meta.events
+    in_flight = [0, 0]  # now, most
+
+    def started(**_: Any) -> None:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+
+    def finished(**_: Any) -> None:
+        in_flight[0] -= 1
+
+    events.register("before-call.s3.UploadPart", started)
+    events.register("after-call.s3.UploadPart", finished)
+    data = DATA + DATA + DATA  # 36 MiB: eight parts
+    tracemalloc.start()
+    try:
+        _write(store, "big.pt", data, chunk=MIB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert in_flight[1] == 2  # parts overlap, and never more than max_concurrency
+    assert peak < 4 * 5 * MIB, f"peak {peak / MIB:.1f} MiB while writing {len(data) / MIB:.0f} MiB"
+    assert _read(store, "big.pt") == data

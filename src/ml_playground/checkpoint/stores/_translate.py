@@ -85,7 +85,7 @@ def translate(exc: BaseException, operation: str, url: str) -> CheckpointError:
         )
     if code in _MISSING_BUCKET_CODES or "bucket does not exist" in reason.lower():
         return StorageUnavailableError(f"{what}: the bucket does not exist ({reason}); create it or fix the URL")
-    if code in _DENIED_CODES or isinstance(exc, PermissionError):
+    if code in _DENIED_CODES or isinstance(exc, PermissionError) or reason.startswith("Forbidden"):
         return StorageUnavailableError(
             f"{what}: access denied ({reason}); check the credentials and the bucket's permissions"
         )
