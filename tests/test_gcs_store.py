@@ -19,7 +19,10 @@ from tests.conftest import assert_same_checkpoint, make_checkpoint
 
 # gcsfs hands each multi-MiB chunk of a resumable upload to aiohttp as raw bytes, which aiohttp warns
 # about; the warning is gcsfs's, not a fault of the store, and the suite turns warnings into errors
-pytestmark = pytest.mark.filterwarnings("ignore:Sending a large body directly with raw bytes:ResourceWarning")
+pytestmark = [
+    pytest.mark.gcs,
+    pytest.mark.filterwarnings("ignore:Sending a large body directly with raw bytes:ResourceWarning"),
+]
 
 DATA = os.urandom(12 * 2**20 + 5)
 

@@ -156,6 +156,13 @@ def _client_error(code: str, status: int, operation: str = "PutObject") -> Excep
     )
 
 
+def _if_match_failed() -> Exception:
+    from botocore.exceptions import ClientError
+
+    response: Any = {"Error": {"Code": "PreconditionFailed", "Message": "m", "Condition": "If-Match"}}
+    return ClientError(response, "GetObject")
+
+
 def _s3fs_wrapped(code: str, status: int) -> Exception:
     from s3fs.errors import translate_boto_error
 
@@ -177,6 +184,7 @@ def _backend_errors() -> list[tuple[str, Callable[[], BaseException], type[Check
         ("s3fs AccessDenied", lambda: _s3fs_wrapped("AccessDenied", 403), StorageUnavailableError),
         ("InvalidAccessKeyId", lambda: _client_error("InvalidAccessKeyId", 403), StorageUnavailableError),
         ("PreconditionFailed", lambda: _client_error("PreconditionFailed", 412), CheckpointExistsError),
+        ("If-Match 412", lambda: _if_match_failed(), StorageError),
         ("s3fs FileExists", lambda: FileExistsError("exists"), CheckpointExistsError),
         ("InternalError", lambda: _client_error("InternalError", 500), StorageError),
         ("NoCredentials", be.NoCredentialsError, StorageUnavailableError),

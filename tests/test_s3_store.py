@@ -12,7 +12,7 @@ import pytest
 from ml_playground.checkpoint import CheckpointStore, open_store
 from ml_playground.checkpoint.stores import FsspecStore
 from ml_playground.checkpoint.stores._s3_upload import WRITE_ID_KEY
-from ml_playground.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError
+from ml_playground.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, StorageError
 from ml_playground.locations import RemoteLocation
 from tests.servers import S3LocationFactory
 
@@ -220,3 +220,20 @@ def test_parts_in_flight_and_memory_stay_bounded(s3_location: S3LocationFactory)
     assert in_flight[1] == 2  # parts overlap, and never more than max_concurrency
     assert peak < 4 * 5 * MIB, f"peak {peak / MIB:.1f} MiB while writing {len(data) / MIB:.0f} MiB"
     assert _read(store, "big.pt") == data
+
+
+def test_reading_an_object_replaced_meanwhile_fails_instead_of_mixing_bytes(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
+) -> None:
+    location = s3_location()
+    store = FsspecStore.from_location(location, create=True)
+    _write(store, "a.pt", DATA)
+    reader = FsspecStore(store.filesystem, location.url, read_block_size=MIB)
+    with reader.open("a.pt") as stream:
+        head = stream.read(1000)
+        s3_admin.put_object(Bucket=s3_bucket, Key="run/a.pt", Body=bytes(len(DATA)))
+        stream.seek(len(DATA) - 1000)
+        with pytest.raises(StorageError, match=r"a\.pt.*changed while it was being read") as caught:
+            stream.read(1000)
+    assert not isinstance(caught.value, CheckpointExistsError)
+    assert head == DATA[:1000]

@@ -89,12 +89,12 @@ def translate(exc: BaseException, operation: str, url: str) -> CheckpointError:
         return StorageUnavailableError(
             f"{what}: access denied ({reason}); check the credentials and the bucket's permissions"
         )
+    if "FileExpired" in names or _condition(exc) == "If-Match":
+        return StorageError(f"{what}: the object changed while it was being read ({reason}); read it again")
     if code in _EXISTS_CODES or isinstance(exc, FileExistsError):
         return CheckpointExistsError(f"{what}: the object already exists ({reason}); checkpoints are never overwritten")
     if code in _NOT_FOUND_CODES or isinstance(exc, FileNotFoundError):
         return CheckpointNotFoundError(f"{what}: no such object ({reason})")
-    if "FileExpired" in names:
-        return StorageError(f"{what}: the object changed while it was being read ({reason}); read it again")
     return StorageError(f"{what}: {reason}")
 
 
@@ -124,6 +124,17 @@ def error_code(exc: BaseException) -> str | None:
         status = getattr(link, "code", None)
         if isinstance(status, int) and type(link).__name__ == "HttpError":
             return str(status)
+    return None
+
+
+def _condition(exc: BaseException) -> str | None:
+    """Which precondition header a 412 refers to: If-None-Match (exists) or If-Match (changed)."""
+    for link in _chain(exc):
+        response = getattr(link, "response", None)
+        if isinstance(response, dict):
+            condition = (response.get("Error") or {}).get("Condition")
+            if condition:
+                return str(condition)
     return None
 
 
