@@ -24,7 +24,7 @@ from ml_playground.errors import (
     StorageUnavailableError,
 )
 from ml_playground.locations import RemoteLocation, StorageOptions
-from tests.servers import MotoServer, S3LocationFactory, closed_port
+from tests.servers import AuthMotoServer, MotoServer, S3LocationFactory, closed_port
 
 pytestmark = pytest.mark.s3
 
@@ -100,6 +100,28 @@ def test_endpoint_from_the_environment_is_used(
     with store.write("a.pt") as stream:
         stream.write(b"a")
     assert [obj.name for obj in store.list()] == ["a.pt"]
+
+
+def test_denied_write_fails_at_open_and_reading_still_works(
+    moto_with_iam: AuthMotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_with_iam.reader_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_with_iam.reader_secret)
+    location = _location(f"{moto_with_iam.bucket}/run", endpoint_url=moto_with_iam.endpoint, region="us-east-1")
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailableError, match=r"s3://locked/run.*access denied"):
+        open_store(location, create=True)
+    assert time.monotonic() - started < 5
+    assert open_store(location).list() == []
+
+
+def test_unknown_access_key_fails_at_open(moto_with_iam: AuthMotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    location = _location(f"{moto_with_iam.bucket}/run", endpoint_url=moto_with_iam.endpoint, region="us-east-1")
+    with pytest.raises(StorageUnavailableError, match=r"s3://locked/run.*access denied.*InvalidAccessKeyId") as caught:
+        open_store(location, create=True)
+    assert "not-a-secret" not in str(caught.value)
 
 
 # ---------------------------------------------------------------- nothing escapes untranslated

@@ -74,9 +74,9 @@ def translate(exc: BaseException, operation: str, url: str) -> CheckpointError:
     if isinstance(exc, CheckpointError):
         return exc
     what = f"{operation} {url} failed"
-    reason = _reason(exc)
     names = _class_names(exc)
     code = error_code(exc)
+    reason = _reason(exc, code)
     if names & _NO_CREDENTIALS:
         return StorageUnavailableError(f"{what}: no usable credentials ({reason}); {_CREDENTIALS_HINT}")
     if names & _UNREACHABLE:
@@ -151,6 +151,8 @@ def _class_names(exc: BaseException) -> set[str]:
     return {cls.__name__ for link in _chain(exc) for cls in type(link).__mro__}
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, code: str | None) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if code and code not in text:
+        text = f"{code}: {text}"
     return text if len(text) <= 300 else text[:297] + "..."
