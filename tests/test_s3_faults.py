@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -203,3 +204,21 @@ def test_someone_elses_object_is_not_mistaken_for_ours(store: FsspecStore, s3_ad
         _write(store, NEW, BIG)
     assert _read(store, NEW) == b"theirs"
     assert s3_admin.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_ctrl_c_while_parts_are_in_flight_aborts_everything(
+    store: FsspecStore, check_clean: Callable[[CheckpointStore], None]
+) -> None:
+    import _thread
+    import asyncio
+
+    async def interrupt_main_while_uploading(**_: Any) -> None:
+        _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread, wherever it is
+        await asyncio.sleep(1)  # the part stays in flight meanwhile
+
+    _client(store).meta.events.register("before-send.s3.UploadPart", interrupt_main_while_uploading)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _write(store, NEW, BIG)
+    assert time.monotonic() - started < 10
+    check_clean(store)

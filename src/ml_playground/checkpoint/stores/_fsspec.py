@@ -134,10 +134,7 @@ class FsspecStore:
 
     def write(self, name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         url = self._child(name)
-        with translated("checking before saving", url):
-            self._fs.invalidate_cache(url)
-            exists = self._fs.exists(url)
-        if exists:
+        if self._exists(url):
             raise CheckpointExistsError(f"{url} already exists; checkpoints are never overwritten")
         if self._scheme in ("s3", "s3a"):
             return self._write_s3(url)
@@ -192,6 +189,20 @@ class FsspecStore:
             raise
 
     # ------------------------------------------------------------ helpers
+
+    def _exists(self, url: str) -> bool:
+        with translated("checking before saving", url):
+            if self._scheme in ("s3", "s3a"):  # one HEAD; fs.exists would also list a "directory" of that name
+                bucket, _, key = url.partition("://")[2].partition("/")
+                try:
+                    self._fs.call_s3("head_object", Bucket=bucket, Key=key)
+                except FileNotFoundError as exc:
+                    if error_code(exc) == "NoSuchBucket":
+                        raise
+                    return False
+                return True
+            self._fs.invalidate_cache(url)
+            return bool(self._fs.exists(url))
 
     def _prove_writable(self, fs: Any) -> None:
         probe = f"{self._url}/{TEMP_PREFIX}probe.{secrets.token_hex(4)}"
