@@ -38,7 +38,7 @@ def test_closed_port_fails_fast_naming_the_url(aws_test_credentials: None) -> No
     started = time.monotonic()
     with pytest.raises(StorageUnavailableError, match=r"s3://some-bucket/run.*unreachable"):
         open_store(location, create=True)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
 
 
 def test_closed_port_with_default_retries_still_fails_fast_at_open(aws_test_credentials: None) -> None:
@@ -46,7 +46,7 @@ def test_closed_port_with_default_retries_still_fails_fast_at_open(aws_test_cred
     started = time.monotonic()
     with pytest.raises(StorageUnavailableError):
         open_store(location, create=True)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
 
 
 def test_missing_bucket_fails_at_open_naming_it(s3_location: S3LocationFactory) -> None:
@@ -67,7 +67,7 @@ def test_missing_credentials_fail_at_open_with_a_hint(moto_server: MotoServer) -
         StorageUnavailableError, match=r"s3://some-bucket/run.*no usable credentials.*AWS_ACCESS_KEY_ID"
     ):
         open_store(location, create=True)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
 
 
 def test_unknown_profile_fails_at_open(moto_server: MotoServer) -> None:
@@ -111,7 +111,7 @@ def test_denied_write_fails_at_open_and_reading_still_works(
     started = time.monotonic()
     with pytest.raises(StorageUnavailableError, match=r"s3://locked/run.*access denied"):
         open_store(location, create=True)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
     assert open_store(location).list() == []
 
 
