@@ -27,7 +27,7 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 from ml_playground.checkpoint.stores._translate import translate, translated
-from ml_playground.errors import StorageError
+from ml_playground.errors import CheckpointError, StorageError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -63,6 +63,9 @@ class S3Upload(io.RawIOBase):
         self._in_flight: dict[concurrent.futures.Future[dict[str, Any]], int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._committing = False
+        self.failure: CheckpointError | None = None
+        """The store's own error raised from :meth:`write`, kept because callers such as ``torch.save``
+        replace it with their own (a ``RuntimeError`` that loses the cause)."""
 
     @property
     def url(self) -> str:
@@ -87,8 +90,12 @@ class S3Upload(io.RawIOBase):
             view = view[take:]
             if self._buffer.tell() == self._part_size:
                 body, self._buffer = self._buffer, io.BytesIO()
-                with translated("uploading a part of", self._url):
-                    self._send_part(body)
+                try:
+                    with translated("uploading a part of", self._url):
+                        self._send_part(body)
+                except CheckpointError as exc:
+                    self.failure = exc
+                    raise
         self._size += total
         return total
 
