@@ -122,10 +122,21 @@ def aws_test_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def s3_bucket(s3_admin: Any, aws_test_credentials: None) -> str:
+def s3_bucket(s3_admin: Any, aws_test_credentials: None) -> Iterator[str]:
     name = f"test-{next(_BUCKETS)}-{secrets.token_hex(4)}"
     s3_admin.create_bucket(Bucket=name)
-    return name
+    yield name
+    _empty_bucket(s3_admin, name)  # moto keeps everything in RAM for the whole session
+
+
+def _empty_bucket(admin: Any, bucket: str) -> None:
+    for upload in admin.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+        admin.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in admin.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            admin.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    admin.delete_bucket(Bucket=bucket)
 
 
 S3LocationFactory = Callable[..., RemoteLocation]

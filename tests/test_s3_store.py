@@ -218,7 +218,8 @@ def test_parts_in_flight_and_memory_stay_bounded(s3_location: S3LocationFactory)
     finally:
         tracemalloc.stop()
     assert in_flight[1] == 2  # parts overlap, and never more than max_concurrency
-    assert peak < 4 * 5 * MIB, f"peak {peak / MIB:.1f} MiB while writing {len(data) / MIB:.0f} MiB"
+    # (max_concurrency + 1) parts of 5 MiB, plus BytesIO growth and client buffers; far below the 36 MiB object
+    assert peak < 24 * MIB, f"peak {peak / MIB:.1f} MiB while writing {len(data) / MIB:.0f} MiB"
     assert _read(store, "big.pt") == data
 
 

@@ -231,14 +231,15 @@ class FsspecStore:
 
 
 def _quick_filesystem(location: RemoteLocation) -> Any:
-    """A filesystem with at most two attempts and a short connect timeout, for the probe at open.
+    """A filesystem with a short connect timeout (and on S3 at most two attempts), for the probe at open.
 
     A dead endpoint then fails in seconds; the store's own requests keep the configured retries.
     """
     options = location.storage_options
-    quick = options.model_copy(
-        update={"max_attempts": min(options.max_attempts, 2), "connect_timeout": min(options.connect_timeout, 5.0)}
-    )
+    update: dict[str, object] = {"connect_timeout": min(options.connect_timeout, 5.0)}
+    if location.scheme == "s3":
+        update["max_attempts"] = min(options.max_attempts, 2)
+    quick = options.model_copy(update=update)
     return make_filesystem(location.model_copy(update={"storage_options": quick}))
 
 
