@@ -222,3 +222,14 @@ def test_ctrl_c_while_parts_are_in_flight_aborts_everything(
         _write(store, NEW, BIG)
     assert time.monotonic() - started < 10
     check_clean(store)
+
+
+def test_next_writer_aborts_uploads_a_killed_writer_left_in_its_location(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
+) -> None:
+    # what SIGKILL mid-save leaves behind; moto dates every upload in 2010, so all of these are "old"
+    for key in ("run/ckpt_last_00000009.pt", "run/nested/ckpt_last_00000001.pt", "other/ckpt_last_00000001.pt"):
+        s3_admin.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    open_store(s3_location("run"), create=True)
+    left = sorted(upload["Key"] for upload in s3_admin.list_multipart_uploads(Bucket=s3_bucket)["Uploads"])
+    assert left == ["other/ckpt_last_00000001.pt", "run/nested/ckpt_last_00000001.pt"]

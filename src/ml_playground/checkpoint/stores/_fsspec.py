@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from ml_playground.checkpoint._store import TEMP_PREFIX, StoredObject
 from ml_playground.checkpoint.stores._filesystems import READ_BLOCK_SIZE, make_filesystem
-from ml_playground.checkpoint.stores._s3_upload import S3Upload
+from ml_playground.checkpoint.stores._s3_upload import S3Upload, abort_stale_uploads
 from ml_playground.checkpoint.stores._streams import Reader, Writer, raise_own_failure
 from ml_playground.checkpoint.stores._translate import error_code, translated
 from ml_playground.errors import (
@@ -85,6 +85,9 @@ class FsspecStore:
         )
         if create:
             store._prove_writable(_quick_filesystem(location) if location.scheme != "memory" else store._fs)
+            if location.scheme == "s3":
+                bucket, _, prefix = location.root.partition("/")
+                abort_stale_uploads(store._fs, bucket, prefix)
         return store
 
     @property
