@@ -113,7 +113,8 @@ def _same_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
         other = b[key]
         assert isinstance(value, torch.Tensor) == isinstance(other, torch.Tensor), key
         if isinstance(value, torch.Tensor):
-            assert value.dtype == other.dtype and value.shape == other.shape, key
+            assert value.dtype == other.dtype, key
+            assert value.shape == other.shape, key
             assert torch.equal(value, other), key
         else:
             assert value == other, key

@@ -106,7 +106,8 @@ def test_sample_and_eval_from_a_run_and_from_one_checkpoint_file(
     texts = default.stdout.split("-" * 40 + "\n")
     assert len(texts) == 2
     assert all(t.startswith("Ada ") and len(t.rstrip("\n")) == len("Ada ") + 30 for t in texts)
-    assert f"{run / best}" in default.stderr and "ema weights" in default.stderr
+    assert f"{run / best}" in default.stderr
+    assert "ema weights" in default.stderr
 
     # the trainer evaluated the raw weights; eval on the same batches reproduces the best file's metric
     evaluated = run_cli(["eval", "--from", str(run), "--raw-weights"], tmp_path)
@@ -120,7 +121,8 @@ def test_sample_and_eval_from_a_run_and_from_one_checkpoint_file(
     assert one_file.returncode == 0, one_file.stderr
     assert "iteration 20" in one_file.stderr
     ema = run_main(["eval", "--checkpoint", str(run / "ckpt_last_00000020.pt")], tmp_path, capsys)
-    assert ema.returncode == 0 and "ema weights" in ema.stdout
+    assert ema.returncode == 0
+    assert "ema weights" in ema.stdout
 
 
 def test_sample_with_both_from_and_checkpoint_is_a_usage_error(

@@ -97,7 +97,8 @@ def test_best_checkpoints_follow_strict_improvement(tmp_path: Path) -> None:
 def test_keep_last_zero_makes_the_best_at_iteration_zero_the_first_checkpoint(tmp_path: Path) -> None:
     train(config(tmp_path, max_iters=10, eval_interval=5, checkpointing__keep__last=0, checkpointing__keep__best=5))
     names = ckpt_names(run_dir(tmp_path))
-    assert names and all(n.startswith("ckpt_best_") for n in names)
+    assert names
+    assert all(n.startswith("ckpt_best_") for n in names)
     assert names[0].startswith("ckpt_best_00000000_")
 
 
