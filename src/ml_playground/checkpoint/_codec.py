@@ -36,6 +36,7 @@ __all__ = ["FORMAT_MAGIC", "MIGRATIONS", "decode", "encode"]
 
 FORMAT_MAGIC = "ml_playground.checkpoint"
 _ALGORITHM = "xxh3_64"
+_ZIP_MAGIC = b"PK\x03\x04"
 _TENSOR_SECTIONS = ("model", "optimizer", "ema", "rng_state")
 
 Payload = dict[str, Any]
@@ -83,6 +84,13 @@ def decode(
 
 
 def _load_payload(stream: IO[bytes], source: str, map_location: torch.device | str | None) -> Any:
+    # torch.save writes a zip archive; anything else would take torch.load's legacy pickle path
+    start = stream.tell()
+    magic = stream.read(len(_ZIP_MAGIC))
+    stream.seek(start)
+    if magic != _ZIP_MAGIC:
+        what = "empty" if not magic else "not a torch.save archive"
+        raise CheckpointCorruptError(f"{source} is {what}; it is damaged or not a checkpoint")
     try:
         return torch.load(stream, map_location=map_location, weights_only=True)
     except MLPlaygroundError:
