@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from ml_playground.checkpoint import CheckpointManager, LocalStore
+from ml_playground.config_loader import load_experiment, parse_override
+from ml_playground.training import train
 from tests.cli_support import TINY, assert_clean_failure, ckpt_names, run_cli, run_main, sets
 
 
@@ -17,9 +19,13 @@ from tests.cli_support import TINY, assert_clean_failure, ckpt_names, run_cli, r
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One small run with EMA: two last checkpoints and one best; tests copy it before changing anything."""
     cwd = tmp_path_factory.mktemp("trained")
-    result = run_cli(["train", *TINY, *sets(max_iters=10, checkpointing__interval=5, ema_decay=0.9)], cwd)
-    assert result.returncode == 0, result.stderr
-    return cwd / "out" / "tiny_chars"
+    overrides = dict(
+        parse_override(text)
+        for text in [*TINY, *sets(max_iters=10, checkpointing__interval=5, ema_decay=0.9)]
+        if text != "--set"
+    )
+    result = train(load_experiment("tiny_chars", overrides=overrides, cwd=cwd))
+    return Path(result.location)
 
 
 @pytest.fixture

@@ -37,18 +37,21 @@ def test_train_without_arguments_trains_the_default_experiment_into_out(tmp_path
     assert "Traceback" not in result.stderr
 
 
-def test_resume_in_a_new_process_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_resume_in_a_new_process_is_bitwise_identical_to_an_uninterrupted_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     common = [*TINY, *sets(eval_interval=5, checkpointing__interval=10, ema_decay=0.95, train__model__dropout=0.1)]
     a, b = tmp_path / "a", tmp_path / "b"
     for path in (a, b):
         path.mkdir()
-    assert run_cli(["train", *common, *sets(max_iters=30)], a).returncode == 0
-    first = run_cli(["train", *common, *sets(max_iters=17)], b)
-    assert first.returncode == 0, first.stderr
+    # the uninterrupted reference and the first leg run here; the resume runs in a fresh process
+    assert run_main(["train", *common, *sets(max_iters=30)], a, capsys).returncode == 0
+    assert run_main(["train", *common, *sets(max_iters=17)], b, capsys).returncode == 0
     resumed = run_cli(["train", *common, *sets(max_iters=30)], b)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from iteration 17" in resumed.stdout
     assert "eval at iter 15" not in resumed.stdout  # nothing before the checkpoint repeats
+    assert "eval at iter 20" in resumed.stdout
     run_a, run_b = a / "out" / "tiny_chars", b / "out" / "tiny_chars"
     assert ckpt_names(run_a) == ckpt_names(run_b)
     for name in ckpt_names(run_a):
@@ -57,7 +60,9 @@ def test_resume_in_a_new_process_is_bitwise_identical_to_an_uninterrupted_run(tm
         )
 
 
-def test_ctrl_c_exits_130_leaves_only_whole_checkpoints_and_the_run_resumes(tmp_path: Path) -> None:
+def test_ctrl_c_exits_130_leaves_only_whole_checkpoints_and_the_run_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     common = [*TINY, *sets(eval_interval=100000, checkpointing__interval=100000, checkpointing__keep__best=0)]
     run = tmp_path / "out" / "tiny_chars"
     proc = subprocess.Popen(
@@ -78,7 +83,7 @@ def test_ctrl_c_exits_130_leaves_only_whole_checkpoints_and_the_run_resumes(tmp_
     assert "Traceback" not in err
     assert "interrupted" in err
     assert sorted(p.name for p in run.iterdir()) == ["ckpt_last_00000000.pt"]
-    resumed = run_cli(["train", *common, *sets(max_iters=3)], tmp_path)
+    resumed = run_main(["train", *common, *sets(max_iters=3)], tmp_path, capsys)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from iteration 0" in resumed.stdout
     assert ckpt_names(run) == ["ckpt_last_00000000.pt", "ckpt_last_00000003.pt"]  # tiny_chars keeps two
@@ -94,7 +99,7 @@ def test_nothing_to_do_exits_zero(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_sample_and_eval_from_a_run_and_from_one_checkpoint_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    trained = run_cli(["train", *TINY, *sets(max_iters=20, eval_interval=10, ema_decay=0.9)], tmp_path)
+    trained = run_main(["train", *TINY, *sets(max_iters=20, eval_interval=10, ema_decay=0.9)], tmp_path, capsys)
     assert trained.returncode == 0, trained.stderr
     run = tmp_path / "out" / "tiny_chars"
     best = next(n for n in ckpt_names(run) if n.startswith("ckpt_best_"))

@@ -120,3 +120,22 @@ def test_model_args_round_trip_as_plain_data() -> None:
     assert GPTArgs.from_plain(args.to_plain(), source="x") == args
     with pytest.raises(CheckpointSchemaError, match="model_args.n_layer"):
         GPTArgs.from_plain({**args.to_plain(), "n_layer": "1"}, source="x")
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(capsys: pytest.CaptureFixture[str]) -> None:
+    from ml_playground.progress import Progress
+
+    plain = Progress(10, 0, bar=False)
+    plain.step(1.0)
+    plain.line("iter 1/10")
+    plain.close()
+    out, err = capsys.readouterr()
+    assert out == "iter 1/10\n"
+    assert err == ""
+    bar = Progress(10, 4, bar=True)
+    bar.step(0.5)
+    bar.line("eval at iter 5")
+    bar.close()
+    out, err = capsys.readouterr()
+    assert "eval at iter 5" in out
+    assert "5/10" in err
