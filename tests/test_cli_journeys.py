@@ -130,6 +130,19 @@ def test_sample_and_eval_from_a_run_and_from_one_checkpoint_file(
     assert "ema weights" in ema.stdout
 
 
+def test_sample_from_a_run_without_best_checkpoints_says_how_to_read_the_latest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained = run_main(["train", *TINY, *sets(max_iters=2, checkpointing__keep__best=0)], tmp_path, capsys)
+    assert trained.returncode == 0
+    assert_clean_failure(
+        run_main(["sample"], tmp_path, capsys), 1, "no best checkpoint", "sample.runtime.read_policy=latest"
+    )
+    latest = run_main(["sample", "--set", "sample.runtime.read_policy=latest"], tmp_path, capsys)
+    assert latest.returncode == 0, latest.stderr
+    assert "ckpt_last_00000002.pt" in latest.stderr
+
+
 def test_sample_with_both_from_and_checkpoint_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,7 +24,7 @@ def uploads(s3_admin: Any, bucket: str) -> list[Any]:
 
 
 def test_train_to_s3_then_sample_and_eval_from_the_url_in_fresh_processes(
-    tmp_path: Path, moto_server: MotoServer, s3_bucket: str, s3_admin: Any
+    tmp_path: Path, moto_server: MotoServer, s3_bucket: str, s3_admin: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"s3://{s3_bucket}/runs/tiny"
     endpoint = moto_server.endpoint
@@ -57,7 +57,7 @@ def test_train_to_s3_then_sample_and_eval_from_the_url_in_fresh_processes(
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"val loss {best_metric}" in evaluated.stdout
 
-    one = run_cli(["sample", "--checkpoint", f"{url}/ckpt_last_00000020.pt", *reading], tmp_path)
+    one = run_main(["sample", "--checkpoint", f"{url}/ckpt_last_00000020.pt", *reading], tmp_path, capsys)
     assert one.returncode == 0, one.stderr
     assert "iteration 20, ema weights" in one.stderr
 

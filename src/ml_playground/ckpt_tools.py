@@ -30,6 +30,7 @@ __all__ = [
     "export_safetensors",
     "list_checkpoints",
     "read_checkpoint",
+    "summarize",
     "verify",
 ]
 
@@ -156,7 +157,7 @@ def export_safetensors(
     from safetensors.torch import save
 
     weights = "ema" if use_ema and checkpoint.ema is not None else "raw"
-    state = checkpoint.ema if weights == "ema" and checkpoint.ema is not None else checkpoint.model
+    state = checkpoint.ema if use_ema and checkpoint.ema is not None else checkpoint.model
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
     metadata = {
         "format": "ml_playground.weights",

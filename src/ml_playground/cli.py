@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 a checkpoint, storage or data failure; 2 a usage or con
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -155,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
+    except BrokenPipeError:
+        # the reader of our output went away (``ml-playground sample | head``): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         # the stores clean up their in-flight writes on the way out; earlier checkpoints are intact
         print("interrupted; every checkpoint written so far is intact", file=sys.stderr)

@@ -24,8 +24,11 @@ __all__ = [
     "CORPUS_SEED",
     "CharTokenizer",
     "Splits",
+    "fixed_batches",
     "generate_corpus",
     "load_splits",
+    "splits_for_checkpoint",
+    "tokenizer_for_checkpoint",
 ]
 
 CORPUS_SEED = 20240601

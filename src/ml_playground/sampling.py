@@ -15,7 +15,7 @@ import torch
 from ml_playground.checkpoint import Checkpoint, CheckpointManager, open_store
 from ml_playground.config import SamplingConfig
 from ml_playground.data import fixed_batches, splits_for_checkpoint, tokenizer_for_checkpoint
-from ml_playground.errors import CheckpointSchemaError
+from ml_playground.errors import CheckpointNotFoundError, CheckpointSchemaError
 from ml_playground.locations import Location
 from ml_playground.model import GPT, GPTArgs
 from ml_playground.train_state import estimate_loss
@@ -46,17 +46,26 @@ def load_checkpoint(
 ) -> tuple[Checkpoint, str]:
     """Read one checkpoint: ``name`` in ``location``, or the one ``policy`` picks; returns it and its URL."""
     manager = CheckpointManager(open_store(location))
-    filename = name if name is not None else manager.choose(policy).filename
-    return manager.load(filename), f"{manager.store.url}/{filename}"
+    if name is None:
+        try:
+            name = manager.choose(policy).filename
+        except CheckpointNotFoundError as exc:
+            other = "latest" if policy == "best" else "best"
+            raise CheckpointNotFoundError(
+                f"{exc} (sample.runtime.read_policy = {policy!r}); train there first, pass --checkpoint FILE, "
+                f"or use --set sample.runtime.read_policy={other}"
+            ) from None
+    return manager.load(name), f"{manager.store.url}/{name}"
 
 
 def load_model(checkpoint: Checkpoint, source: str, *, use_ema: bool, device: str = "cpu") -> LoadedModel:
     """Build the network from ``checkpoint.model_args``; EMA weights when present and ``use_ema``."""
     args = GPTArgs.from_plain(checkpoint.model_args, source=source)
     model = GPT(args)
-    weights: Weights = "ema" if use_ema and checkpoint.ema is not None else "raw"
-    state = checkpoint.ema if weights == "ema" else checkpoint.model
-    assert state is not None
+    weights: Weights = "raw"
+    state = checkpoint.model
+    if use_ema and checkpoint.ema is not None:
+        weights, state = "ema", checkpoint.ema
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
