@@ -162,8 +162,14 @@ class _Merged:
         self.base_dirs[dotted] = base_dir
 
     def origin_of(self, dotted: str, fallback: str) -> str:
+        """The file(s) a key came from: its own, a table's contributing files, or its nearest parent's."""
+        below = {src for key, src in self.origins.items() if key.startswith(f"{dotted}.")}
+        if dotted in self.origins:
+            below.add(self.origins[dotted])
+        if below:
+            return ", ".join(sorted(below))
         parts = dotted.split(".")
-        for end in range(len(parts), 0, -1):
+        for end in range(len(parts) - 1, 0, -1):
             found = self.origins.get(".".join(parts[:end]))
             if found is not None:
                 return found
@@ -209,7 +215,10 @@ def parse_location(
         allowed = ", ".join(["a local path", "file://", *(f"{s}://" for s in SUPPORTED_SCHEMES)])
         raise ConfigError(f"{what} {text!r}: unsupported URL scheme {scheme!r}; use {allowed}")
     _require_backend(scheme, text)
-    root = text[len(scheme_match.group(0)) :].strip("/")
+    rest = text[len(scheme_match.group(0)) :]
+    if rest.startswith("/") and scheme in _BUCKET_RE:
+        raise ConfigError(f"{what} {text!r} has no bucket; write {scheme}://BUCKET/PREFIX")
+    root = rest.strip("/")
     root = re.sub(r"/{2,}", "/", root)
     if scheme in _BUCKET_RE:
         bucket = root.split("/", 1)[0]

@@ -46,6 +46,7 @@ __all__ = ["FORMAT_MAGIC", "MIGRATIONS", "decode", "encode", "verify"]
 
 FORMAT_MAGIC = "ml_playground.checkpoint"
 _ALGORITHM = "xxh3_64"
+_ZIP_MAGIC = b"PK\x03\x04"
 _TENSOR_SECTIONS = ("model", "optimizer", "ema", "rng_state")
 
 Payload = dict[str, Any]
@@ -130,6 +131,7 @@ def verify(data: Source, *, source: str) -> None:
 
 
 def _load_payload(data: Source, source: str, map_location: torch.device | str | None, mmap: bool) -> Any:
+    _check_magic(data, source)
     try:
         return torch.load(data, map_location=map_location, weights_only=True, mmap=mmap)
     except MLPlaygroundError:
@@ -147,6 +149,25 @@ def _load_payload(data: Source, source: str, map_location: torch.device | str | 
         raise CheckpointCorruptError(
             f"{source} is not a readable checkpoint (truncated or damaged: {_first_line(exc)})"
         ) from None
+
+
+def _check_magic(data: Source, source: str) -> None:
+    # torch.save writes a zip archive; anything else would take torch.load's legacy pickle path
+    if isinstance(data, Path):
+        try:
+            with data.open("rb") as handle:
+                magic = handle.read(len(_ZIP_MAGIC))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"no checkpoint {source}") from None
+        except OSError as exc:
+            raise CheckpointCorruptError(f"{source} cannot be read ({_first_line(exc)})") from None
+    else:
+        start = data.tell()
+        magic = data.read(len(_ZIP_MAGIC))
+        data.seek(start)
+    if magic != _ZIP_MAGIC:
+        what = "empty" if not magic else "not a torch.save archive"
+        raise CheckpointCorruptError(f"{source} is {what}; it is damaged or not a checkpoint")
 
 
 def _first_line(exc: BaseException) -> str:
