@@ -15,6 +15,7 @@ import torch
 
 from ml_playground.checkpoint import (
     AsyncCheckpointSaver,
+    Checkpoint,
     CheckpointManager,
     FileOps,
     KeepPolicy,
@@ -107,6 +108,21 @@ def test_caller_may_mutate_its_tensors_right_after_save_returns(manager: Checkpo
     for key, value in model_before.items():
         assert torch.equal(saved.model[key], value), key
     assert torch.equal(saved.optimizer["state"][0]["exp_avg"], exp_avg_before)
+
+
+@pytest.mark.timeout(60)
+def test_reused_snapshot_memory_never_leaks_into_an_earlier_file(run_dir: Path) -> None:
+    manager = CheckpointManager(LocalStore(run_dir, create=True), KeepPolicy(last=3, best=0))
+    state = make_checkpoint(0)
+    weights = []
+    with AsyncCheckpointSaver(manager) as saver:
+        for i in range(3):
+            state = Checkpoint(**{**vars(state), "iter_num": i})
+            weights.append(state.model["0.weight"].clone())
+            saver.save_last(state)
+            state.model["0.weight"].add_(1.0)
+    for i in range(3):
+        assert torch.equal(manager.load(f"ckpt_last_{i:08d}.pt").model["0.weight"], weights[i])
 
 
 @pytest.mark.timeout(60)

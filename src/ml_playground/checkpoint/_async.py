@@ -4,8 +4,9 @@ Rules (each tested in tests/test_async_save.py):
 
 - ``save_last``/``save_best`` return once the checkpoint is snapshotted (every tensor copied to CPU, plain
   data deep-copied), so the caller may keep training and mutate its tensors right away.
-- At most one save is in flight: the next save first waits for the previous one. So at most one
-  snapshot (1x the checkpoint) is held in memory besides the live state.
+- At most one save is in flight: the next save first waits for the previous one. The saver keeps one
+  snapshot (1x the checkpoint) in CPU memory besides the live state, and copies the next save into it
+  (same keys, shapes, dtypes), so a save after the first allocates nothing. ``close()`` releases it.
 - Write and rotation run in the background through :class:`CheckpointManager`, which rotates only
   after the new file is committed.
 - An error in the background is raised by the next call (``save_*``, ``wait``, ``close`` or leaving the
@@ -72,31 +73,46 @@ def open_saver(manager: CheckpointManager, *, async_save: bool) -> CheckpointSav
     return AsyncCheckpointSaver(manager) if async_save else SyncCheckpointSaver(manager)
 
 
-def snapshot(checkpoint: Checkpoint) -> Checkpoint:
-    """A copy of ``checkpoint`` that shares no memory with it: tensors copied to CPU, containers rebuilt."""
+def snapshot(checkpoint: Checkpoint, *, into: Checkpoint | None = None) -> Checkpoint:
+    """A copy of ``checkpoint`` that shares no memory with it: tensors copied to CPU, containers rebuilt.
+
+    ``into``, a previous snapshot nobody uses any more, lends its tensors: where a tensor's key, shape,
+    dtype and layout match, the new bytes are copied into it instead of into fresh memory. Fresh memory
+    costs a page fault per page on first touch (slow on VMs: docs/performance.md); reused memory does not.
+    """
+    old = into
     return Checkpoint(
-        model=_copy(checkpoint.model),
-        optimizer=_copy(checkpoint.optimizer),
-        model_args=_copy(checkpoint.model_args),
+        model=_copy(checkpoint.model, old.model if old else None),
+        optimizer=_copy(checkpoint.optimizer, old.optimizer if old else None),
+        model_args=_copy(checkpoint.model_args, None),
         iter_num=checkpoint.iter_num,
         best_val_loss=checkpoint.best_val_loss,
-        config=_copy(checkpoint.config),
-        ema=None if checkpoint.ema is None else _copy(checkpoint.ema),
-        rng_state=_copy(checkpoint.rng_state),
-        data_state=_copy(checkpoint.data_state),
+        config=_copy(checkpoint.config, None),
+        ema=None if checkpoint.ema is None else _copy(checkpoint.ema, old.ema if old else None),
+        rng_state=_copy(checkpoint.rng_state, old.rng_state if old else None),
+        data_state=_copy(checkpoint.data_state, None),
     )
 
 
-def _copy(tree: Any) -> Any:
+def _copy(tree: Any, spare: Any) -> Any:
     if isinstance(tree, torch.Tensor):
         tensor = tree.detach()
+        if (
+            isinstance(spare, torch.Tensor)
+            and spare.shape == tensor.shape
+            and spare.dtype == tensor.dtype
+            and spare.stride() == tensor.stride()
+            and spare.is_contiguous()
+        ):
+            return spare.copy_(tensor)
         return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
     if isinstance(tree, Mapping):
-        return {key: _copy(value) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [_copy(value) for value in tree]
-    if isinstance(tree, tuple):
-        return tuple(_copy(value) for value in tree)
+        spares = spare if isinstance(spare, Mapping) else {}
+        return {key: _copy(value, spares.get(key)) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        others = spare if isinstance(spare, (list, tuple)) and len(spare) == len(tree) else [None] * len(tree)
+        copied = [_copy(value, other) for value, other in zip(tree, others, strict=True)]
+        return copied if isinstance(tree, list) else tuple(copied)
     return tree  # immutable plain values
 
 
@@ -107,6 +123,7 @@ class AsyncCheckpointSaver:
         self.manager = manager
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._spare: Checkpoint | None = None  # the last snapshot, free once its save is done
         self._closed = False
         atexit.register(self._report_at_exit)
 
@@ -116,7 +133,7 @@ class AsyncCheckpointSaver:
         if self.manager.keep.last == 0:
             return None
         name = CheckpointName.last(checkpoint.iter_num)
-        self._start(name, self.manager.save_last, snapshot(checkpoint))
+        self._start(name, self.manager.save_last, self._snapshot(checkpoint))
         return name
 
     def save_best(self, checkpoint: Checkpoint) -> CheckpointName | None:
@@ -130,7 +147,7 @@ class AsyncCheckpointSaver:
         if self.manager.keep.best == 0:
             return None
         name = CheckpointName.best(checkpoint.iter_num, checkpoint.best_val_loss)
-        self._start(name, self.manager.save_best, snapshot(checkpoint))
+        self._start(name, self.manager.save_best, self._snapshot(checkpoint))
         return name
 
     def wait(self) -> None:
@@ -148,7 +165,10 @@ class AsyncCheckpointSaver:
             return
         self._closed = True
         atexit.unregister(self._report_at_exit)
-        self.wait()
+        try:
+            self.wait()
+        finally:
+            self._spare = None
 
     def __enter__(self) -> AsyncCheckpointSaver:
         return self
@@ -168,6 +188,11 @@ class AsyncCheckpointSaver:
         if self._closed:
             raise CheckpointError(f"this asynchronous saver for {self.manager.store.url} is closed")
         self.wait()
+
+    def _snapshot(self, checkpoint: Checkpoint) -> Checkpoint:
+        # Only called after wait(): the previous snapshot's save is over, so its memory is free to reuse.
+        self._spare = snapshot(checkpoint, into=self._spare)
+        return self._spare
 
     def _start(self, name: CheckpointName, save: Callable[[Checkpoint], _T], state: Checkpoint) -> None:
         def run() -> None:
