@@ -251,6 +251,17 @@ def _s3_manager(ctx: Context, create: bool) -> CheckpointManager:
     return CheckpointManager(open_store(location, create=create), KeepPolicy(last=1, best=0))
 
 
+def _count_requests(manager: CheckpointManager) -> dict[str, int]:
+    """Count the S3 operations the store's client makes, by name (reset it before a phase)."""
+    counts: dict[str, int] = {}
+
+    def seen(model: Any, **_: Any) -> None:
+        counts[model.name] = counts.get(model.name, 0) + 1
+
+    manager.store.filesystem.connect().meta.events.register("before-call.s3", seen)  # type: ignore[attr-defined]
+    return counts
+
+
 def setup_s3_raw_pipe(ctx: Context) -> tuple[Body, Callable[[], None]]:
     fs = _s3fs(ctx)
     data = bytes(ctx.payload_bytes)
@@ -277,17 +288,25 @@ def setup_s3_raw_cat(ctx: Context) -> tuple[Body, Callable[[], None]]:
 def setup_ours_s3_save(ctx: Context) -> tuple[Body, Callable[[], None]]:
     checkpoint = build_checkpoint(ctx.size_mb)
     manager = _s3_manager(ctx, create=True)
+    counts = _count_requests(manager)
 
     def body(phase: Phase) -> dict[str, Any]:
+        counts.clear()
         manager.save_last(checkpoint)
-        return {"payload": tensor_bytes(checkpoint)}
+        return {"payload": tensor_bytes(checkpoint), "requests": dict(counts)}
 
     return body, lambda: manager.store.delete(OURS_NAME)
 
 
 def setup_ours_s3_load(ctx: Context) -> tuple[Body, Callable[[], None]]:
     manager = _s3_manager(ctx, create=False)
-    return _load(ctx, lambda: manager.load(OURS_NAME))
+    counts = _count_requests(manager)
+    body, cleanup = _load(ctx, lambda: (counts.clear(), manager.load(OURS_NAME))[1])
+
+    def counted(phase: Phase) -> dict[str, Any]:
+        return {**body(phase), "requests": dict(counts)}
+
+    return counted, cleanup
 
 
 SETUPS: dict[str, Callable[[Context], tuple[Body, Callable[[], None]]]] = {

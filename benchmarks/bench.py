@@ -353,6 +353,11 @@ def targets(rows: dict[tuple[int, str, str], list[dict[str, Any]]]) -> str:
         add(size, "4. S3 load time / raw cat", t4, "<= 1.0", t4 is not None and t4 <= 1.0)
         p4 = get(size, "ours_s3_load", "peak")
         add(size, "4. S3 load client peak / checkpoint", p4, "<= 1.2", p4 is not None and p4 <= 1.2)
+        for scenario, what in (("ours_s3_save", "save"), ("ours_s3_load", "load")):
+            its = rows.get((size, scenario, "hot")) or rows.get((size, scenario, "first")) or []
+            if its and "requests" in its[-1]:
+                counted = ", ".join(f"{op} {n}" for op, n in sorted(its[-1]["requests"].items()))
+                lines.append(f"| {size} MB | 6. S3 requests per {what} (one run) | {counted} | count | — |")
     return "\n".join(lines)
 
 
