@@ -255,8 +255,13 @@ def _count_requests(manager: CheckpointManager) -> dict[str, int]:
     """Count the S3 operations the store's client makes, by name (reset it before a phase)."""
     counts: dict[str, int] = {}
 
-    def seen(model: Any, **_: Any) -> None:
+    def seen(model: Any, params: Any = None, **_: Any) -> None:
         counts[model.name] = counts.get(model.name, 0) + 1
+        ranged = ((params or {}).get("headers") or {}).get("Range") or (params or {}).get("Range")
+        if model.name == "GetObject" and isinstance(ranged, str) and ranged.startswith("bytes="):
+            first, _, last = ranged[len("bytes=") :].partition("-")
+            if first and last:  # bytes fetched by ranged GETs (target 7: evaluation should fetch the model only)
+                counts["bytes_fetched"] = counts.get("bytes_fetched", 0) + int(last) - int(first) + 1
 
     manager.store.filesystem.connect().meta.events.register("before-call.s3", seen)  # type: ignore[attr-defined]
     return counts

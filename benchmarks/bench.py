@@ -325,7 +325,8 @@ def targets(rows: dict[tuple[int, str, str], list[dict[str, Any]]]) -> str:
 
     def add(size: int, name: str, value: float | None, goal: str, ok: bool | None) -> None:
         if value is not None:
-            lines.append(f"| {size} MB | {name} | {value:.3f} | {goal} | {'yes' if ok else 'no'} |")
+            verdict = "—" if ok is None else "yes" if ok else "no"
+            lines.append(f"| {size} MB | {name} | {value:.3f} | {goal} | {verdict} |")
 
     for size in sorted({key[0] for key in rows}):
         save = get(size, "ours_save")
