@@ -76,6 +76,9 @@ class _FdWriter(io.RawIOBase):
     def __init__(self, fd: int, ops: FileOps) -> None:
         self._fd: int | None = fd
         self._ops = ops
+        self.error: OSError | None = None
+        """The first write error. torch.save turns it into a RuntimeError (or may carry on), so the
+        store keeps it to report the real cause, and every later write fails with it."""
 
     @property
     def fd(self) -> int:
@@ -87,8 +90,14 @@ class _FdWriter(io.RawIOBase):
         return True
 
     def write(self, data: object) -> int:
+        if self.error is not None:
+            raise self.error
         view = memoryview(data).cast("B")  # type: ignore[arg-type]
-        return self._ops.write(self.fd, view)
+        try:
+            return self._ops.write(self.fd, view)
+        except OSError as exc:
+            self.error = exc
+            raise
 
     def release(self, *, quiet: bool = False) -> None:
         """Close the descriptor; later writes (e.g. a buffer flushed at garbage collection) raise."""
@@ -178,11 +187,14 @@ class LocalStore:
         temp = self._path / f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}.{name}"
         committed = False
         raw: _FdWriter | None = None
+        stream: io.BufferedWriter | None = None
         try:
             raw = _FdWriter(self._ops.open(temp), self._ops)
             stream = io.BufferedWriter(raw, buffer_size=1 << 20)
             yield stream
             stream.flush()
+            if raw.error is not None:  # a write failed and the encoder swallowed it
+                raise raw.error
             self._ops.fsync(raw.fd)
             raw.release()
             if final.exists():
@@ -193,12 +205,16 @@ class LocalStore:
         except BaseException as exc:
             if raw is not None:
                 raw.release(quiet=True)
+            if stream is not None:  # discard the buffer now, not as a failing flush at garbage collection
+                with contextlib.suppress(Exception):
+                    stream.close()
             for path in (temp, final if committed else None):
                 if path is not None:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-            if isinstance(exc, OSError):
-                raise _translate(exc, f"saving {final} failed; earlier checkpoints are intact", final) from None
+            cause = raw.error if isinstance(exc, Exception) and raw is not None and raw.error is not None else exc
+            if isinstance(cause, OSError):
+                raise _translate(cause, f"saving {final} failed; earlier checkpoints are intact", final) from None
             raise
 
     def _remove_stale_temporaries(self) -> None:
