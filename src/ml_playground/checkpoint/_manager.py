@@ -136,7 +136,14 @@ class CheckpointManager:
         with self.store.write(name.filename) as stream:
             encode(checkpoint, stream)
         logger.info("saved %s/%s", self.store.url, name.filename)
-        self.rotate(protect=name)
+        try:
+            self.rotate(protect=name)
+        except CheckpointError as exc:
+            # The save itself succeeded; say so, so nobody retries it or thinks it is lost.
+            raise type(exc)(
+                f"{self.store.url}/{name.filename} was saved, but rotation failed: {exc}. "
+                "The next save (or CheckpointManager.rotate()) retries the rotation."
+            ) from exc
         return name
 
     def rotate(self, protect: CheckpointName | None = None) -> list[CheckpointName]:
