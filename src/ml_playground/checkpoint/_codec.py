@@ -23,6 +23,7 @@ from typing import IO, Any
 import torch
 import xxhash
 
+from ml_playground.checkpoint._archive import check_records
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, check_plain_tree
 from ml_playground.errors import (
     CheckpointCorruptError,
@@ -72,6 +73,8 @@ def decode(
     verify: bool = True,
 ) -> Checkpoint:
     """Read, check and return the checkpoint in ``stream``; ``source`` names it in every error."""
+    if verify:
+        check_records(stream, source)
     payload = _load_payload(stream, source, map_location)
     version = _check_header(payload, source)
     if verify:
@@ -94,7 +97,7 @@ def _load_payload(stream: IO[bytes], source: str, map_location: torch.device | s
                 "running any of its code. Only load checkpoints written by ml_playground."
             ) from None
         raise CheckpointCorruptError(f"{source} is damaged: its metadata cannot be read ({_first_line(exc)})") from None
-    except (RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError, OSError) as exc:
+    except Exception as exc:  # a damaged archive fails inside torch in many ways (AttributeError, ...)
         raise CheckpointCorruptError(
             f"{source} is not a readable checkpoint (truncated or damaged: {_first_line(exc)})"
         ) from None

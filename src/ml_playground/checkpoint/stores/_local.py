@@ -26,6 +26,7 @@ from ml_playground.errors import (
 __all__ = ["FileOps", "LocalStore"]
 
 _HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+_MAX_NAME_BYTES = 255
 _UNAVAILABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
@@ -184,7 +185,7 @@ class LocalStore:
         if final.exists():
             raise CheckpointExistsError(f"{final} already exists; checkpoints are never overwritten")
         self._remove_stale_temporaries()
-        temp = self._path / f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}.{name}"
+        temp = self._path / _temp_name(name)
         committed = False
         raw: _FdWriter | None = None
         stream: io.BufferedWriter | None = None
@@ -233,6 +234,13 @@ class LocalStore:
         if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(TEMP_PREFIX):
             raise ValueError(f"{name!r} is not a valid object name in {self._path}")
         return self._path / name
+
+
+def _temp_name(name: str) -> str:
+    """``.ckpt-partial.<host>.<pid>.<token>.<name>``; without ``<name>`` when that would pass 255 bytes."""
+    stem = f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}"
+    full = f"{stem}.{name}"
+    return full if len(full.encode("utf-8", "surrogateescape")) <= _MAX_NAME_BYTES else stem
 
 
 def _pid_alive(pid: int) -> bool:
