@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import pickle
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
@@ -87,7 +88,11 @@ def decode(
 
 def _load_payload(stream: IO[bytes], source: str, map_location: torch.device | str | None) -> Any:
     try:
-        return torch.load(stream, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # a damaged or foreign file makes torch warn about its pickle protocol; the outcome (an
+            # error, or a verified load) must not depend on the caller's warning filters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(stream, map_location=map_location, weights_only=True)
     except MLPlaygroundError:
         raise
     except pickle.UnpicklingError as exc:
