@@ -10,6 +10,8 @@ import torch
 
 from ml_playground.checkpoint import Checkpoint
 
+pytest_plugins = ["tests.servers"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:

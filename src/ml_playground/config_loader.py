@@ -162,8 +162,14 @@ class _Merged:
         self.base_dirs[dotted] = base_dir
 
     def origin_of(self, dotted: str, fallback: str) -> str:
+        """The file(s) a key came from: its own, a table's contributing files, or its nearest parent's."""
+        below = {src for key, src in self.origins.items() if key.startswith(f"{dotted}.")}
+        if dotted in self.origins:
+            below.add(self.origins[dotted])
+        if below:
+            return ", ".join(sorted(below))
         parts = dotted.split(".")
-        for end in range(len(parts), 0, -1):
+        for end in range(len(parts) - 1, 0, -1):
             found = self.origins.get(".".join(parts[:end]))
             if found is not None:
                 return found
@@ -210,7 +216,7 @@ def parse_location(
         raise ConfigError(f"{what} {text!r}: unsupported URL scheme {scheme!r}; use {allowed}")
     _require_backend(scheme, text)
     rest = text[len(scheme_match.group(0)) :]
-    if scheme in _BUCKET_RE and rest.startswith("/"):  # s3:///x: the bucket is empty, not "x"
+    if rest.startswith("/") and scheme in _BUCKET_RE:
         raise ConfigError(f"{what} {text!r} has no bucket; write {scheme}://BUCKET/PREFIX")
     root = rest.strip("/")
     root = re.sub(r"/{2,}", "/", root)

@@ -38,6 +38,7 @@ __all__ = ["FORMAT_MAGIC", "MIGRATIONS", "decode", "encode"]
 
 FORMAT_MAGIC = "ml_playground.checkpoint"
 _ALGORITHM = "xxh3_64"
+_ZIP_MAGIC = b"PK\x03\x04"
 _TENSOR_SECTIONS = ("model", "optimizer", "ema", "rng_state")
 
 Payload = dict[str, Any]
@@ -87,6 +88,13 @@ def decode(
 
 
 def _load_payload(stream: IO[bytes], source: str, map_location: torch.device | str | None) -> Any:
+    # torch.save writes a zip archive; anything else would take torch.load's legacy pickle path
+    start = stream.tell()
+    magic = stream.read(len(_ZIP_MAGIC))
+    stream.seek(start)
+    if magic != _ZIP_MAGIC:
+        what = "empty" if not magic else "not a torch.save archive"
+        raise CheckpointCorruptError(f"{source} is {what}; it is damaged or not a checkpoint")
     try:
         with warnings.catch_warnings():
             # a damaged or foreign file makes torch warn about its pickle protocol; the outcome (an

@@ -1,0 +1,283 @@
+"""FsspecStore: checkpoints as objects under one prefix of an fsspec filesystem (s3://, gs://, memory://).
+
+The commit is each scheme's own strategy, because each backend offers a different atomic primitive:
+
+- ``s3``: our own multipart writer (:class:`S3Upload`): concurrent parts, the object appears only at
+  ``CompleteMultipartUpload`` / ``PutObject`` with ``If-None-Match: *``, abort on any failure.
+- ``memory``: fsspec's memory files appear as soon as they are opened and ignore ``autocommit=False``,
+  so a save writes a temporary key (never listed) and moves it onto the name when complete.
+- anything else (``gs``): an uncommitted fsspec file (``autocommit=False``, mode ``"xb"``): ``commit()``
+  when the block ends, ``discard()`` on any exception and after a failed commit. Never
+  ``fs.transaction``: it is shared by every user of the filesystem instance.
+
+Listings bypass fsspec's caches; every backend error leaves through
+:mod:`~ml_playground.checkpoint.stores._translate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING, Any
+
+from ml_playground.checkpoint._store import TEMP_PREFIX, StoredObject
+from ml_playground.checkpoint.stores._filesystems import READ_BLOCK_SIZE, make_filesystem
+from ml_playground.checkpoint.stores._s3_upload import S3Upload
+from ml_playground.checkpoint.stores._translate import error_code, translated
+from ml_playground.errors import CheckpointExistsError, CheckpointNotFoundError, StorageUnavailableError
+from ml_playground.locations import RemoteLocation
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["FsspecStore"]
+
+logger = logging.getLogger(__name__)
+
+_MIB = 2**20
+
+
+class FsspecStore:
+    """Checkpoints as objects under ``url`` on the fsspec filesystem ``fs``.
+
+    Build it with :meth:`from_location` (a validated location and its typed storage options), or
+    from your own filesystem instance. ``create=True`` (a writer) proves the location writable now
+    by writing and deleting a probe object, so a missing bucket, denied access, missing credentials
+    or an unreachable endpoint fail before training starts.
+    """
+
+    def __init__(
+        self,
+        fs: Any,
+        url: str,
+        *,
+        create: bool = False,
+        part_size_mib: int = 50,
+        max_concurrency: int = 4,
+        read_block_size: int = READ_BLOCK_SIZE,
+    ) -> None:
+        scheme, sep, root = url.partition("://")
+        if not sep or not root.strip("/"):
+            raise ValueError(f"{url!r} is not a URL with a scheme and a path")
+        self._fs = fs
+        self._scheme = scheme.lower()
+        self._url = f"{self._scheme}://{root.strip('/')}"
+        self._part_size = part_size_mib * _MIB
+        self._max_concurrency = max_concurrency
+        self._read_block_size = read_block_size
+        if create:
+            self._prove_writable(fs)
+
+    @classmethod
+    def from_location(cls, location: RemoteLocation, *, create: bool) -> FsspecStore:
+        """The store for a location that :mod:`ml_playground.config_loader` validated."""
+        options = location.storage_options
+        store = cls(
+            make_filesystem(location),
+            location.url,
+            part_size_mib=options.part_size_mib,
+            max_concurrency=options.max_concurrency,
+        )
+        if create:
+            store._prove_writable(_quick_filesystem(location) if location.scheme != "memory" else store._fs)
+        return store
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def filesystem(self) -> Any:
+        """The fsspec filesystem underneath (for event hooks and request counting in tests and benchmarks)."""
+        return self._fs
+
+    # ------------------------------------------------------------ reading
+
+    def list(self) -> list[StoredObject]:
+        with translated("listing", self._url):
+            try:
+                entries = self._fs.ls(self._url, detail=True, refresh=True)
+            except FileNotFoundError as exc:
+                if error_code(exc) is not None:  # e.g. NoSuchBucket: the location itself is gone
+                    raise
+                return []  # an object store has no empty directories: no object yet under the prefix
+        found = [
+            StoredObject(_basename(entry["name"]), int(entry.get("size") or 0), _modified(entry))
+            for entry in entries
+            if entry.get("type") == "file" and not _basename(entry["name"]).startswith(TEMP_PREFIX)
+        ]
+        return sorted(found, key=lambda obj: obj.name)
+
+    @contextlib.contextmanager
+    def open(self, name: str) -> Iterator[IO[bytes]]:
+        url = self._child(name)
+        with translated("opening", url):
+            handle = self._fs.open(url, "rb", block_size=self._read_block_size, cache_type="readahead")
+        reader = _Reader(handle, url)
+        try:
+            yield reader  # type: ignore[misc]
+        finally:
+            reader.close()
+
+    def delete(self, name: str) -> None:
+        url = self._child(name)
+        with translated("deleting", url):
+            self._fs.invalidate_cache(url)
+            self._fs.info(url)  # object stores delete missing keys silently; a missing checkpoint must raise
+            self._fs.rm_file(url)
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        url = self._child(name)
+        with translated("checking before saving", url):
+            self._fs.invalidate_cache(url)
+            exists = self._fs.exists(url)
+        if exists:
+            raise CheckpointExistsError(f"{url} already exists; checkpoints are never overwritten")
+        if self._scheme in ("s3", "s3a"):
+            return self._write_s3(url)
+        if self._scheme == "memory":
+            return self._write_via_temporary(url, name)
+        return self._write_uncommitted(url)
+
+    @contextlib.contextmanager
+    def _write_s3(self, url: str) -> Iterator[IO[bytes]]:
+        bucket, _, key = url.partition("://")[2].partition("/")
+        upload = S3Upload(self._fs, bucket, key, part_size=self._part_size, max_concurrency=self._max_concurrency)
+        try:
+            yield upload  # type: ignore[misc]
+            upload.commit()
+        except BaseException:
+            upload.abort()
+            raise
+
+    @contextlib.contextmanager
+    def _write_via_temporary(self, url: str, name: str) -> Iterator[IO[bytes]]:
+        temp = f"{self._url}/{TEMP_PREFIX}{secrets.token_hex(4)}.{name}"
+        with translated("saving", url):
+            handle = self._fs.open(temp, "wb")
+        try:
+            yield handle
+            with translated("saving", url):
+                handle.close()
+                if self._fs.exists(url):
+                    raise CheckpointExistsError(f"{url} was written by another writer meanwhile; not overwritten")
+                self._fs.mv(temp, url)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                handle.close()
+            with contextlib.suppress(Exception):
+                self._fs.rm_file(temp)
+            raise
+
+    @contextlib.contextmanager
+    def _write_uncommitted(self, url: str) -> Iterator[IO[bytes]]:
+        with translated("saving", url):
+            handle = self._fs.open(url, "xb", autocommit=False, block_size=self._part_size)
+        try:
+            yield handle
+            with translated("saving", url):
+                handle.close()
+                handle.commit()
+        except BaseException:
+            try:
+                handle.discard()
+            except Exception as exc:
+                logger.warning("could not cancel the unfinished upload of %s: %s", url, exc)
+            raise
+
+    # ------------------------------------------------------------ helpers
+
+    def _prove_writable(self, fs: Any) -> None:
+        probe = f"{self._url}/{TEMP_PREFIX}probe.{secrets.token_hex(4)}"
+        try:
+            with translated("checking that the checkpoint location is writable:", self._url):
+                if self._scheme == "memory":
+                    fs.makedirs(self._url, exist_ok=True)
+                fs.pipe_file(probe, b"")
+                fs.rm_file(probe)
+        except CheckpointNotFoundError as exc:
+            raise StorageUnavailableError(f"{exc}; the bucket or location does not exist") from exc
+
+    def _child(self, name: str) -> str:
+        if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(TEMP_PREFIX):
+            raise ValueError(f"{name!r} is not a valid object name in {self._url}")
+        return f"{self._url}/{name}"
+
+
+def _quick_filesystem(location: RemoteLocation) -> Any:
+    """A filesystem with at most two attempts and a short connect timeout, for the probe at open.
+
+    A dead endpoint then fails in seconds; the store's own requests keep the configured retries.
+    """
+    options = location.storage_options
+    quick = options.model_copy(
+        update={"max_attempts": min(options.max_attempts, 2), "connect_timeout": min(options.connect_timeout, 5.0)}
+    )
+    return make_filesystem(location.model_copy(update={"storage_options": quick}))
+
+
+class _Reader(io.RawIOBase):
+    """A seekable read stream whose backend errors (e.g. the object was deleted mid-read) are ours."""
+
+    def __init__(self, handle: Any, url: str) -> None:
+        super().__init__()
+        self._handle = handle
+        self._url = url
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        with translated("reading", self._url):
+            data: bytes = self._handle.read(-1 if size is None else size)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        with translated("reading", self._url):
+            position: int = self._handle.seek(offset, whence)
+        return position
+
+    def tell(self) -> int:
+        position: int = self._handle.tell()
+        return position
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self._handle.close()
+        super().close()
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _modified(entry: dict[str, Any]) -> datetime | None:
+    for key in ("LastModified", "mtime", "updated", "created"):
+        value = entry.get(key)
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        if isinstance(value, (int, float)):
+            return datetime.fromtimestamp(value, UTC)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None

@@ -1,0 +1,145 @@
+"""The one boundary where botocore / aiobotocore / s3fs / gcsfs / aiohttp / OS errors become ours.
+
+Backends report the same condition in many shapes: botocore raises ``ClientError`` with a code,
+s3fs re-raises it as an ``OSError`` subclass with the ``ClientError`` as its cause, gcsfs raises its
+own ``HttpError`` with an HTTP status, and connection failures arrive as botocore or aiohttp
+exceptions. :func:`translate` walks the exception's chain once and picks the package error; every
+message names the operation and the URL. Classes are matched by name so that this module imports
+no optional backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from ml_playground.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    MLPlaygroundError,
+    StorageError,
+    StorageUnavailableError,
+)
+
+__all__ = ["error_code", "translate", "translated"]
+
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_EXISTS_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+_MISSING_BUCKET_CODES = {"NoSuchBucket", "InvalidBucketName"}
+_DENIED_CODES = {
+    "AccessDenied",
+    "403",
+    "401",
+    "Forbidden",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AccountProblem",
+    "AuthorizationHeaderMalformed",
+    "PermanentRedirect",
+    "301",
+}
+_NO_CREDENTIALS = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "CredentialRetrievalError",
+    "ProfileNotFound",
+    "UnauthorizedSSOTokenError",
+    "SSOTokenLoadError",
+    "DefaultCredentialsError",
+    "RefreshError",
+    "NoRegionError",
+}
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ProxyConnectionError",
+    "ClientConnectorError",
+    "ServerTimeoutError",
+    "ConnectionRefusedError",
+    "gaierror",
+}
+_CREDENTIALS_HINT = (
+    "configure credentials through the standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+    "a profile, or an instance role; for GCS, application default credentials)"
+)
+
+
+def translate(exc: BaseException, operation: str, url: str) -> CheckpointError:
+    """The package error for backend exception ``exc`` raised while ``operation`` ran on ``url``."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    what = f"{operation} {url} failed"
+    reason = _reason(exc)
+    names = _class_names(exc)
+    code = error_code(exc)
+    if names & _NO_CREDENTIALS:
+        return StorageUnavailableError(f"{what}: no usable credentials ({reason}); {_CREDENTIALS_HINT}")
+    if names & _UNREACHABLE:
+        return StorageUnavailableError(
+            f"{what}: the endpoint is unreachable ({reason}); check endpoint_url, the network and the region"
+        )
+    if code in _MISSING_BUCKET_CODES or "bucket does not exist" in reason.lower():
+        return StorageUnavailableError(f"{what}: the bucket does not exist ({reason}); create it or fix the URL")
+    if code in _DENIED_CODES or isinstance(exc, PermissionError):
+        return StorageUnavailableError(
+            f"{what}: access denied ({reason}); check the credentials and the bucket's permissions"
+        )
+    if code in _EXISTS_CODES or isinstance(exc, FileExistsError):
+        return CheckpointExistsError(f"{what}: the object already exists ({reason}); checkpoints are never overwritten")
+    if code in _NOT_FOUND_CODES or isinstance(exc, FileNotFoundError):
+        return CheckpointNotFoundError(f"{what}: no such object ({reason})")
+    if "FileExpired" in names:
+        return StorageError(f"{what}: the object changed while it was being read ({reason}); read it again")
+    return StorageError(f"{what}: {reason}")
+
+
+@contextlib.contextmanager
+def translated(operation: str, url: str) -> Iterator[None]:
+    """Run the block; any backend exception leaves it as a package error naming ``operation`` and ``url``."""
+    try:
+        yield
+    except MLPlaygroundError:
+        raise
+    except Exception as exc:
+        raise translate(exc, operation, url) from exc
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The S3 error code or HTTP status carried anywhere in ``exc``'s chain, as a string."""
+    for link in _chain(exc):
+        response = getattr(link, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error") or {}
+            code = error.get("Code")
+            if code:
+                return str(code)
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status:
+                return str(status)
+        status = getattr(link, "code", None)
+        if isinstance(status, int) and type(link).__name__ == "HttpError":
+            return str(status)
+    return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen and len(seen) < 8:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
+
+
+def _class_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for link in _chain(exc) for cls in type(link).__mro__}
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,172 @@
+"""The codec: round trips, plain torch.load compatibility, and every failure a distinct error."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+
+from ml_playground.checkpoint import FORMAT_VERSION, Checkpoint, decode, encode
+from ml_playground.checkpoint._codec import FORMAT_MAGIC
+from ml_playground.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointSchemaError,
+    CheckpointVersionError,
+    UnsafeCheckpointError,
+)
+from tests.conftest import assert_same_checkpoint, make_checkpoint
+
+
+def _encoded(checkpoint: Checkpoint) -> bytes:
+    buffer = io.BytesIO()
+    encode(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def _decode(data: bytes, **kwargs: object) -> Checkpoint:
+    return decode(io.BytesIO(data), source="mem/ckpt.pt", **kwargs)  # type: ignore[arg-type]
+
+
+def _payload(data: bytes) -> dict[str, object]:
+    loaded = torch.load(io.BytesIO(data), weights_only=True)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def _reencode(payload: dict[str, object]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_round_trip_is_exact(ema: bool) -> None:
+    original = make_checkpoint(iter_num=42, best_val_loss=0.125, ema=ema)
+    assert_same_checkpoint(original, _decode(_encoded(original)))
+
+
+def test_file_loads_with_plain_torch_load_weights_only() -> None:
+    payload = _payload(_encoded(make_checkpoint(iter_num=3)))
+    assert payload["format"] == FORMAT_MAGIC
+    assert payload["format_version"] == FORMAT_VERSION
+    assert payload["meta"]["iter_num"] == 3  # type: ignore[index]
+
+
+def test_map_location_is_applied() -> None:
+    loaded = _decode(_encoded(make_checkpoint()), map_location="cpu")
+    assert all(t.device.type == "cpu" for t in loaded.model.values())
+
+
+def test_non_contiguous_and_empty_tensors_round_trip() -> None:
+    base = make_checkpoint()
+    model = dict(base.model)
+    model["transposed"] = torch.arange(12.0).reshape(3, 4).t()
+    model["empty"] = torch.empty(0, 5)
+    model["half"] = torch.randn(7).to(torch.bfloat16)
+    checkpoint = Checkpoint(model=model, optimizer=base.optimizer, model_args={}, iter_num=1, best_val_loss=1.0)
+    loaded = _decode(_encoded(checkpoint))
+    for key, tensor in model.items():
+        assert torch.equal(loaded.model[key], tensor)
+
+
+def test_flipped_byte_in_tensor_data_is_detected_and_named() -> None:
+    checkpoint = make_checkpoint()
+    data = bytearray(_encoded(checkpoint))
+    needle = checkpoint.model["0.weight"].numpy().tobytes()[:16]
+    offset = bytes(data).index(needle)
+    data[offset + 3] ^= 0x01
+    with pytest.raises(CheckpointCorruptError, match=r"mem/ckpt.pt.*0\.weight"):
+        _decode(bytes(data))
+
+
+def test_changed_metadata_is_detected() -> None:
+    payload = _payload(_encoded(make_checkpoint(iter_num=5)))
+    payload["meta"]["iter_num"] = 6  # type: ignore[index]
+    with pytest.raises(CheckpointCorruptError, match="metadata"):
+        _decode(_reencode(payload))
+
+
+def test_verify_false_skips_checksums_but_not_schema() -> None:
+    payload = _payload(_encoded(make_checkpoint(iter_num=5)))
+    payload["model"]["0.weight"] += 1  # type: ignore[index,operator]
+    data = _reencode(payload)
+    with pytest.raises(CheckpointCorruptError):
+        _decode(data)
+    assert _decode(data, verify=False).iter_num == 5
+
+
+@pytest.mark.parametrize("length", [0, 1, 100, 1000, -1000, -100, -1])
+def test_truncated_file_is_corrupt(length: int) -> None:
+    data = _encoded(make_checkpoint())
+    with pytest.raises(CheckpointCorruptError, match="mem/ckpt.pt"):
+        _decode(data[:length])
+
+
+def test_newer_format_version_is_refused_clearly() -> None:
+    payload = _payload(_encoded(make_checkpoint()))
+    payload["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(CheckpointVersionError, match="Upgrade ml_playground"):
+        _decode(_reencode(payload))
+
+
+def test_foreign_torch_file_is_a_schema_error() -> None:
+    with pytest.raises(CheckpointSchemaError, match="not an ml_playground checkpoint"):
+        _decode(_reencode({"model": {"w": torch.zeros(2)}}))
+
+
+def test_missing_field_is_a_schema_error() -> None:
+    payload = _payload(_encoded(make_checkpoint()))
+    del payload["optimizer"]
+    with pytest.raises(CheckpointSchemaError, match="optimizer"):
+        _decode(_reencode(payload))
+
+
+class _Sentinel:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("pwned",))
+
+
+def test_pickled_code_is_refused_without_running(capsys: pytest.CaptureFixture[str]) -> None:
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT_MAGIC, "payload": _Sentinel()}, buffer)
+    with pytest.raises(UnsafeCheckpointError, match="mem/ckpt.pt"):
+        _decode(buffer.getvalue())
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_plain_pickle_is_not_a_checkpoint() -> None:
+    with pytest.raises(CheckpointError):
+        _decode(pickle.dumps({"a": 1}))
+
+
+def test_non_plain_config_cannot_be_saved() -> None:
+    base = make_checkpoint()
+    with pytest.raises(CheckpointSchemaError, match="config"):
+        Checkpoint(
+            model=base.model,
+            optimizer=base.optimizer,
+            model_args={},
+            iter_num=0,
+            best_val_loss=1.0,
+            config={"path": object()},  # type: ignore[dict-item]
+        )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("iter_num", -1), ("iter_num", True), ("iter_num", 1.0), ("best_val_loss", "1")]
+)
+def test_checkpoint_fields_are_typed(field: str, value: object) -> None:
+    base = make_checkpoint()
+    kwargs: dict[str, object] = {
+        "model": base.model,
+        "optimizer": base.optimizer,
+        "model_args": {},
+        "iter_num": 0,
+        "best_val_loss": 1.0,
+    }
+    kwargs[field] = value
+    with pytest.raises(CheckpointSchemaError, match=field):
+        Checkpoint(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,42 @@
+"""The exported names are the public contract: changing them is a deliberate, visible act."""
+
+from __future__ import annotations
+
+import ml_playground
+import ml_playground.checkpoint
+import ml_playground.errors
+
+
+def test_checkpoint_exports() -> None:
+    assert sorted(ml_playground.checkpoint.__all__) == [
+        "Checkpoint",
+        "CheckpointInfo",
+        "CheckpointKind",
+        "CheckpointManager",
+        "CheckpointName",
+        "CheckpointStore",
+        "FORMAT_VERSION",
+        "FileOps",
+        "KeepPolicy",
+        "LocalStore",
+        "MetricMode",
+        "StoredObject",
+        "decode",
+        "encode",
+        "improves",
+        "open_store",
+        "to_delete",
+    ]
+    for name in ml_playground.checkpoint.__all__:
+        assert hasattr(ml_playground.checkpoint, name), name
+
+
+def test_one_exception_root() -> None:
+    for name in ml_playground.errors.__all__:
+        error = getattr(ml_playground.errors, name)
+        assert issubclass(error, ml_playground.MLPlaygroundError), name
+
+
+def test_not_found_and_exists_are_also_builtin_kinds() -> None:
+    assert issubclass(ml_playground.errors.CheckpointNotFoundError, FileNotFoundError)
+    assert issubclass(ml_playground.errors.CheckpointExistsError, FileExistsError)
