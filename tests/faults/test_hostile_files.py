@@ -88,9 +88,11 @@ def _hostile_files(sentinel: Path) -> dict[str, bytes]:
 
 
 HOSTILE_KINDS = sorted(_hostile_files(Path("/x")))
-# torch's weights-only unpickler stops at protocol 5's first FRAME opcode, before any GLOBAL: it cannot
-# tell that file is hostile, only that it is not a readable checkpoint. Either way nothing ran.
-REFUSED_AS = {kind: UnsafeCheckpointError for kind in HOSTILE_KINDS} | {"raw-pickle-protocol-5": CheckpointCorruptError}
+# A bare pickle is not a torch.save (zip) archive: it is refused as not a checkpoint before any
+# unpickling. Either way nothing ran.
+REFUSED_AS = {
+    kind: CheckpointCorruptError if kind.startswith("raw-") else UnsafeCheckpointError for kind in HOSTILE_KINDS
+}
 
 
 @pytest.fixture
