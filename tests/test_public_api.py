@@ -21,6 +21,7 @@ def test_checkpoint_exports() -> None:
         "LocalStore",
         "MetricMode",
         "StoredObject",
+        "WriterLease",
         "decode",
         "encode",
         "improves",

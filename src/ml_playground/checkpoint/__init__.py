@@ -7,6 +7,7 @@
 
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint
 from ml_playground.checkpoint._codec import decode, encode
+from ml_playground.checkpoint._lease import WriterLease
 from ml_playground.checkpoint._manager import CheckpointInfo, CheckpointManager, MetricMode, improves
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName
 from ml_playground.checkpoint._rotation import KeepPolicy, to_delete
@@ -26,6 +27,7 @@ __all__ = [
     "LocalStore",
     "MetricMode",
     "StoredObject",
+    "WriterLease",
     "decode",
     "encode",
     "improves",
