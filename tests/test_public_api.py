@@ -24,6 +24,7 @@ def test_checkpoint_exports() -> None:
         "MetricMode",
         "StoredObject",
         "SyncCheckpointSaver",
+        "WriterLease",
         "decode",
         "encode",
         "improves",

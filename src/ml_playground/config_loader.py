@@ -284,7 +284,7 @@ def load(
     merged.merge(read_toml(config_path), str(config_path), config_path.parent)
     for key, value in (overrides or {}).items():
         merged.set(key, value, cwd)
-    _default_out_dirs(merged, experiment_name, cwd)
+    _default_out_dirs(merged, experiment_name, cwd, source=str(config_path))
     _build_locations(merged, fallback=str(config_path))
     try:
         return ExperimentConfig.model_validate(merged.data)
@@ -304,9 +304,9 @@ def load_experiment(
     return load(path, overrides=overrides, cwd=cwd, experiment_name=path.parent.name if _is_bundled(path) else None)
 
 
-def _default_out_dirs(merged: _Merged, experiment_name: str | None, cwd: Path) -> None:
-    train_rt = _table(merged.data, ("train", "runtime"))
-    sample_rt = _table(merged.data, ("sample", "runtime"))
+def _default_out_dirs(merged: _Merged, experiment_name: str | None, cwd: Path, source: str) -> None:
+    train_rt = _table(merged.data, ("train", "runtime"), source)
+    sample_rt = _table(merged.data, ("sample", "runtime"), source)
     if "out_dir" not in train_rt and experiment_name is not None:
         train_rt["out_dir"] = str(Path("out") / experiment_name)
         merged.base_dirs["train.runtime.out_dir"] = cwd
@@ -317,19 +317,20 @@ def _default_out_dirs(merged: _Merged, experiment_name: str | None, cwd: Path) -
         merged.origins.setdefault("sample.runtime.out_dir", merged.origin_of("train.runtime.out_dir", ""))
 
 
-def _table(data: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+def _table(data: dict[str, Any], path: tuple[str, ...], source: str = "") -> dict[str, Any]:
     node = data
-    for part in path:
+    for i, part in enumerate(path):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(path)} must be a table")
+            where = f" (in {source})" if source else ""
+            raise ConfigError(f"{'.'.join(path[: i + 1])} must be a table of keys, got {child!r}{where}")
         node = child
     return node
 
 
 def _build_locations(merged: _Merged, fallback: str) -> None:
     for section in _LOCATION_KEYS:
-        runtime = _table(merged.data, section)
+        runtime = _table(merged.data, section, fallback)
         prefix = ".".join(section)
         key = f"{prefix}.out_dir"
         source = merged.origin_of(key, fallback)

@@ -8,6 +8,7 @@
 from ml_playground.checkpoint._async import AsyncCheckpointSaver, CheckpointSaver, SyncCheckpointSaver, open_saver
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint
 from ml_playground.checkpoint._codec import decode, encode
+from ml_playground.checkpoint._lease import WriterLease
 from ml_playground.checkpoint._manager import CheckpointInfo, CheckpointManager, MetricMode, improves
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName
 from ml_playground.checkpoint._rotation import KeepPolicy, to_delete
@@ -30,6 +31,7 @@ __all__ = [
     "MetricMode",
     "StoredObject",
     "SyncCheckpointSaver",
+    "WriterLease",
     "decode",
     "encode",
     "improves",

@@ -15,9 +15,11 @@ import torch
 from ml_playground.checkpoint._checkpoint import Checkpoint
 from ml_playground.checkpoint._codec import Source, decode, encode
 from ml_playground.checkpoint._codec import verify as verify_source
+from ml_playground.checkpoint._lease import DEFAULT_TTL, WriterLease
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, format_metric, is_checkpoint_like
 from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
 from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore
+from ml_playground.checkpoint.stores._local import LocalStore
 from ml_playground.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -78,6 +80,21 @@ class CheckpointManager:
         self.store = store
         self.keep = keep or KeepPolicy()
         self.mode: MetricMode = mode
+        self.lease: WriterLease | None = None
+
+    def acquire_writer(self, *, force: bool = False, ttl: float = DEFAULT_TTL) -> WriterLease:
+        """Take the writer lease of this run location; from then on every save and rotation checks it.
+
+        Another live writer raises LocationLockedError naming it; a dead one's lease is taken over.
+        ``force=True`` takes over a live writer's lease (an explicit user action). Use the returned
+        lease as a context manager (or call ``release()``) when the run ends.
+        """
+        if not isinstance(self.store, LocalStore):
+            raise CheckpointError(
+                f"writer leases are implemented for local run locations only; {self.store.url} has none yet"
+            )
+        self.lease = WriterLease(self.store.path, force=force, ttl=ttl)
+        return self.lease
 
     # ------------------------------------------------------------ discovery
 
@@ -129,6 +146,8 @@ class CheckpointManager:
         return self._save(CheckpointName.best(checkpoint.iter_num, checkpoint.best_val_loss), checkpoint)
 
     def _save(self, name: CheckpointName, checkpoint: Checkpoint) -> CheckpointName:
+        if self.lease is not None:
+            self.lease.check()
         existing = self.checkpoints()
         newest = max((info.iter_num for info in existing), default=-1)
         if checkpoint.iter_num < newest:
@@ -139,11 +158,20 @@ class CheckpointManager:
         with self.store.write(name.filename) as stream:
             encode(checkpoint, stream)
         logger.info("saved %s/%s", self.store.url, name.filename)
-        self.rotate(protect=name)
+        try:
+            self.rotate(protect=name)
+        except CheckpointError as exc:
+            # The save itself succeeded; say so, so nobody retries it or thinks it is lost.
+            raise type(exc)(
+                f"{self.store.url}/{name.filename} was saved, but rotation failed: {exc}. "
+                "The next save (or CheckpointManager.rotate()) retries the rotation."
+            ) from exc
         return name
 
     def rotate(self, protect: CheckpointName | None = None) -> list[CheckpointName]:
         """Delete what the keep policy does not keep, from a fresh listing; a failed delete raises."""
+        if self.lease is not None:
+            self.lease.check()
         doomed = to_delete((info.name for info in self.checkpoints()), self.keep, self.mode, protect)
         for name in doomed:
             self.store.delete(name.filename)

@@ -27,6 +27,7 @@ from ml_playground.errors import (
 __all__ = ["FileOps", "LocalStore"]
 
 _HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+_MAX_NAME_BYTES = 255
 _UNAVAILABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 _WRITEBACK_CHUNK = 16 << 20
 """Writes are issued in pieces of at most this size, and the disk is asked to start on each piece."""
@@ -107,6 +108,9 @@ class _FdWriter(io.RawIOBase):
         self._ops = ops
         self._written = 0
         self._kicked = 0
+        self.error: OSError | None = None
+        """The first write error. torch.save turns it into a RuntimeError (or may carry on), so the
+        store keeps it to report the real cause, and every later write fails with it."""
 
     @property
     def fd(self) -> int:
@@ -118,14 +122,20 @@ class _FdWriter(io.RawIOBase):
         return True
 
     def write(self, data: object) -> int:
+        if self.error is not None:
+            raise self.error
         # A short write is fine: BufferedWriter writes the rest. Pieces bound how much dirty page cache
         # waits for the final fsync.
         view = memoryview(data).cast("B")[:_WRITEBACK_CHUNK]  # type: ignore[arg-type]
-        written = self._ops.write(self.fd, view)
-        self._written += written
-        if self._written - self._kicked >= _WRITEBACK_CHUNK:
-            self._ops.start_writeback(self.fd, self._kicked, self._written - self._kicked)
-            self._kicked = self._written
+        try:
+            written = self._ops.write(self.fd, view)
+            self._written += written
+            if self._written - self._kicked >= _WRITEBACK_CHUNK:
+                self._ops.start_writeback(self.fd, self._kicked, self._written - self._kicked)
+                self._kicked = self._written
+        except OSError as exc:
+            self.error = exc
+            raise
         return written
 
     def release(self, *, quiet: bool = False) -> None:
@@ -220,14 +230,17 @@ class LocalStore:
         if final.exists():
             raise CheckpointExistsError(f"{final} already exists; checkpoints are never overwritten")
         self._remove_stale_temporaries()
-        temp = self._path / f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}.{name}"
+        temp = self._path / _temp_name(name)
         committed = False
         raw: _FdWriter | None = None
+        stream: io.BufferedWriter | None = None
         try:
             raw = _FdWriter(self._ops.open(temp), self._ops)
             stream = io.BufferedWriter(raw, buffer_size=1 << 20)
             yield stream
             stream.flush()
+            if raw.error is not None:  # a write failed and the encoder swallowed it
+                raise raw.error
             self._ops.fsync(raw.fd)
             raw.release()
             if final.exists():
@@ -238,12 +251,16 @@ class LocalStore:
         except BaseException as exc:
             if raw is not None:
                 raw.release(quiet=True)
+            if stream is not None:  # discard the buffer now, not as a failing flush at garbage collection
+                with contextlib.suppress(Exception):
+                    stream.close()
             for path in (temp, final if committed else None):
                 if path is not None:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-            if isinstance(exc, OSError):
-                raise _translate(exc, f"saving {final} failed; earlier checkpoints are intact", final) from None
+            cause = raw.error if isinstance(exc, Exception) and raw is not None and raw.error is not None else exc
+            if isinstance(cause, OSError):
+                raise _translate(cause, f"saving {final} failed; earlier checkpoints are intact", final) from None
             raise
 
     def _remove_stale_temporaries(self) -> None:
@@ -262,6 +279,13 @@ class LocalStore:
         if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(TEMP_PREFIX):
             raise ValueError(f"{name!r} is not a valid object name in {self._path}")
         return self._path / name
+
+
+def _temp_name(name: str) -> str:
+    """``.ckpt-partial.<host>.<pid>.<token>.<name>``; without ``<name>`` when that would pass 255 bytes."""
+    stem = f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}"
+    full = f"{stem}.{name}"
+    return full if len(full.encode("utf-8", "surrogateescape")) <= _MAX_NAME_BYTES else stem
 
 
 def _pid_alive(pid: int) -> bool:
