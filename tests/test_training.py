@@ -11,7 +11,7 @@ import torch
 from ml_playground.checkpoint import CheckpointManager, LocalStore
 from ml_playground.config import ExperimentConfig
 from ml_playground.config_loader import load_experiment
-from ml_playground.errors import CheckpointCorruptError, CheckpointError, ConfigError
+from ml_playground.errors import CheckpointCorruptError, CheckpointError, ConfigError, LocationLockedError
 from ml_playground.model import GPT, GPTArgs
 from ml_playground.training import train
 from tests.cli_support import assert_same_state, ckpt_names
@@ -175,3 +175,22 @@ def test_the_saved_config_is_plain_data_with_secrets_masked(tmp_path: Path) -> N
     assert "very-secret-key" not in repr(saved)
     assert saved["train"]["runtime"]["storage_options"]["sse_kms_key_id"] == "***"  # type: ignore[index]
     assert saved["train"]["runtime"]["out_dir"]["path"] == str(run_dir(tmp_path))  # type: ignore[index]
+
+
+def test_async_saves_write_the_same_checkpoints_as_synchronous_ones(tmp_path: Path) -> None:
+    common = {"max_iters": 12, "eval_interval": 4, "checkpointing__interval": 4, "ema_decay": 0.9}
+    train(config(tmp_path / "sync", **common))
+    train(config(tmp_path / "async", checkpointing__async_save=True, **common))
+    names = ckpt_names(run_dir(tmp_path / "sync"))
+    assert ckpt_names(run_dir(tmp_path / "async")) == names
+    for name in names:
+        assert_same_state(manager(tmp_path / "sync").load(name), manager(tmp_path / "async").load(name))
+
+
+def test_a_second_writer_on_the_same_location_is_refused(tmp_path: Path) -> None:
+    run_dir(tmp_path).mkdir(parents=True)
+    with CheckpointManager(LocalStore(run_dir(tmp_path))).acquire_writer(), pytest.raises(LocationLockedError):
+        train(config(tmp_path, max_iters=2))
+    assert ckpt_names(run_dir(tmp_path)) == []
+    train(config(tmp_path, max_iters=2))  # released: the next run writes
+    assert ckpt_names(run_dir(tmp_path)) != []

@@ -19,7 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ml_playground.checkpoint import Checkpoint, CheckpointManager, KeepPolicy, improves, open_store
+from ml_playground.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    CheckpointSaver,
+    KeepPolicy,
+    LocalStore,
+    improves,
+    open_saver,
+    open_store,
+)
 from ml_playground.config import ExperimentConfig, TrainConfig
 from ml_playground.data import Splits, fixed_batches, load_splits
 from ml_playground.errors import CheckpointError, ConfigError
@@ -43,7 +52,11 @@ class TrainResult:
 
 
 def train(config: ExperimentConfig, *, progress_bar: bool | None = None) -> TrainResult:
-    """Train (or resume) the run in ``config.train.runtime.out_dir``; progress is printed as it goes."""
+    """Train (or resume) the run in ``config.train.runtime.out_dir``; progress is printed as it goes.
+
+    A local run location is held under the manager's writer lease for the whole run, so a second
+    ``train`` on the same location stops with LocationLockedError instead of interleaving saves.
+    """
     tc = config.train
     rt = tc.runtime
     ck = rt.checkpointing
@@ -56,6 +69,25 @@ def train(config: ExperimentConfig, *, progress_bar: bool | None = None) -> Trai
     splits = load_splits(tc.data.corpus_chars, tc.data.val_fraction, tc.model.block_size)
     store = open_store(rt.out_dir, create=True)
     manager = CheckpointManager(store, KeepPolicy(last=ck.keep.last, best=ck.keep.best), mode=ck.mode)
+    lease = manager.acquire_writer() if isinstance(store, LocalStore) else None
+    try:
+        return _train(config, splits, manager, device, progress_bar)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(
+    config: ExperimentConfig,
+    splits: Splits,
+    manager: CheckpointManager,
+    device: torch.device,
+    progress_bar: bool | None,
+) -> TrainResult:
+    tc = config.train
+    rt = tc.runtime
+    ck = rt.checkpointing
+    store = manager.store
     resumed = _resume_point(manager, ck.read_policy)
     out = Progress(rt.max_iters, 0, bar=False)
     if ck.keep.last == 0 and ck.keep.best == 0:
@@ -76,11 +108,19 @@ def train(config: ExperimentConfig, *, progress_bar: bool | None = None) -> Trai
     start = state.iter_num
     what = f"resuming from iteration {start}" if resumed is not None else "starting a fresh run"
     out.line(f"{what} in {store.url} ({state.param_count():,} parameters, vocabulary of {splits.tokenizer.size})")
-    loop = _Loop(config, splits, state, manager, Progress(rt.max_iters, start, bar=progress_bar))
+    saver = open_saver(manager, async_save=ck.async_save)
+    loop = _Loop(config, splits, state, saver, store.url, Progress(rt.max_iters, start, bar=progress_bar))
     try:
         metrics = loop.run(skip_first=resumed is not None)
+    except BaseException as exc:
+        try:
+            saver.close()
+        except BaseException as background:  # the training error wins; the background one is attached
+            exc.add_note(f"and the background checkpoint save failed too: {background!r}")
+        raise
     finally:
         loop.progress.close()
+    saver.close()  # an asynchronous save still in flight commits (or raises) before we report
     return TrainResult(store.url, start, rt.max_iters, False, metrics, state.best, _names(manager))
 
 
@@ -117,14 +157,17 @@ class _Loop:
         config: ExperimentConfig,
         splits: Splits,
         state: TrainState,
-        manager: CheckpointManager,
+        saver: CheckpointSaver,
+        url: str,
         progress: Progress,
     ) -> None:
         self.config = config
         self.tc: TrainConfig = config.train
         self.splits = splits
         self.state = state
-        self.manager = manager
+        self.saver = saver
+        self.url = url
+        self.saved = "saving (in the background)" if self.tc.runtime.checkpointing.async_save else "saved"
         self.progress = progress
         self.plain_config = plain_config(config)
         rt, data, model = self.tc.runtime, self.tc.data, self.tc.model
@@ -165,17 +208,17 @@ class _Loop:
         )
         if improved:
             self.state.best = value
-            name = self.manager.save_best(self._checkpoint())
+            name = self.saver.save_best(self._checkpoint())
             if name is not None:
-                self.progress.line(f"saved {self.manager.store.url}/{name.filename}")
+                self.progress.line(f"{self.saved} {self.url}/{name.filename}")
         elif not math.isfinite(value):
             self.progress.line(f"warning: {ck.metric} is {value} at iter {i}; it never counts as an improvement")
         return metrics
 
     def _save_last(self) -> None:
-        name = self.manager.save_last(self._checkpoint())
+        name = self.saver.save_last(self._checkpoint())
         if name is not None:
-            self.progress.line(f"saved {self.manager.store.url}/{name.filename}")
+            self.progress.line(f"{self.saved} {self.url}/{name.filename}")
 
     def _checkpoint(self) -> Checkpoint:
         return self.state.to_checkpoint(self.plain_config, self.splits)
