@@ -34,7 +34,7 @@ def test_missing_backend_names_the_extra_when_a_store_is_opened(
         open_store(RemoteLocation(scheme=scheme, root="bucket/run"))
 
 
-@pytest.mark.parametrize("url", ["ftp://host/run", "s3://", "gs://Bad_Bucket/run"])
+@pytest.mark.parametrize("url", ["ftp://host/run", "s3://", "s3:///run", "gs://Bad_Bucket/run"])
 def test_invalid_remote_urls_fail_at_config_load(url: str) -> None:
     with pytest.raises(ConfigError, match="://"):
         parse_location(url, base_dir=Path.cwd())

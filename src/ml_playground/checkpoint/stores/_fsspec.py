@@ -197,6 +197,8 @@ class FsspecStore:
                 handle.discard()
             except Exception as discard_exc:
                 logger.warning("could not cancel the unfinished upload of %s: %s", url, discard_exc)
+            # a handle left open is flushed by its finaliser later (gcsfs defers that to a thread)
+            handle.closed = True
             raise_own_failure(writer.failure, exc)
             raise
 
