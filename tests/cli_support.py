@@ -118,3 +118,19 @@ def _same_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
             assert torch.equal(value, other), key
         else:
             assert value == other, key
+
+
+def flip_tensor_byte(path: Path) -> bytes:
+    """Flip one bit inside the stored bytes of the model's embedding: damage that only our checksums see.
+
+    (A flip in the zip's own bookkeeping may leave the loaded content identical; this one never does.)
+    Returns the damaged file's bytes and writes them to ``path``.
+    """
+    payload = torch.load(path, weights_only=True)
+    raw = payload["model"]["wte.weight"].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = data.find(raw)
+    assert at >= 0, "the tensor's bytes are stored verbatim in the archive"
+    data[at + len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return bytes(data)

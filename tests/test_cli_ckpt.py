@@ -12,7 +12,7 @@ import torch
 from ml_playground.checkpoint import CheckpointManager, LocalStore
 from ml_playground.config_loader import load_experiment, parse_override
 from ml_playground.training import train
-from tests.cli_support import TINY, assert_clean_failure, ckpt_names, run_cli, run_main, sets
+from tests.cli_support import TINY, assert_clean_failure, ckpt_names, flip_tensor_byte, run_cli, run_main, sets
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,8 @@ def run(trained_run: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def flip_one_bit(path: Path, offset_from_end: int = 300) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) - offset_from_end] ^= 0x04
-    path.write_bytes(bytes(data))
+def flip_one_bit(path: Path) -> None:
+    flip_tensor_byte(path)
 
 
 def test_ls_lists_kind_iteration_metric_size_and_time(run: Path, capsys: pytest.CaptureFixture[str]) -> None:

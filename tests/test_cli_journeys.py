@@ -17,6 +17,7 @@ from tests.cli_support import (
     assert_same_state,
     ckpt_names,
     cli_env,
+    flip_tensor_byte,
     run_cli,
     run_main,
     sets,
@@ -186,9 +187,7 @@ def test_a_broken_config_file_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFi
 def test_sampling_a_corrupt_checkpoint_is_exit_1_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_main(["train", *TINY, *sets(max_iters=2)], tmp_path, capsys).returncode == 0
     path = tmp_path / "out" / "tiny_chars" / "ckpt_last_00000002.pt"
-    data = bytearray(path.read_bytes())
-    data[-200] ^= 0x10
-    path.write_bytes(bytes(data))
+    flip_tensor_byte(path)
     assert_clean_failure(run_cli(["sample", "--checkpoint", str(path)], tmp_path), 1, str(path))
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli_support import TINY, assert_clean_failure, ckpt_names, run_cli, run_main, sets
+from tests.cli_support import TINY, assert_clean_failure, ckpt_names, flip_tensor_byte, run_cli, run_main, sets
 from tests.servers import MotoServer
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -122,9 +122,8 @@ def test_ckpt_verify_on_s3_names_a_corrupted_object(
 ) -> None:
     assert run_main(["train", *TINY, *sets(max_iters=2)], tmp_path, capsys).returncode == 0
     local = tmp_path / "out" / "tiny_chars" / "ckpt_last_00000002.pt"
-    data = bytearray(local.read_bytes())
-    data[len(data) // 2] ^= 0x80
-    s3_admin.put_object(Bucket=s3_bucket, Key="bad/ckpt_last_00000002.pt", Body=bytes(data))
+    damaged = flip_tensor_byte(local)
+    s3_admin.put_object(Bucket=s3_bucket, Key="bad/ckpt_last_00000002.pt", Body=damaged)
     result = run_main(["ckpt", "verify", f"s3://{s3_bucket}/bad", "-o", f"endpoint_url={moto_server.endpoint}"],
                       tmp_path, capsys)  # fmt: skip
     assert result.returncode == 1

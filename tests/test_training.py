@@ -14,7 +14,7 @@ from ml_playground.config_loader import load_experiment
 from ml_playground.errors import CheckpointCorruptError, CheckpointError, ConfigError, LocationLockedError
 from ml_playground.model import GPT, GPTArgs
 from ml_playground.training import train
-from tests.cli_support import assert_same_state, ckpt_names
+from tests.cli_support import assert_same_state, ckpt_names, flip_tensor_byte
 
 TINY = {
     "train.model.n_layer": 1,
@@ -150,9 +150,7 @@ def test_resuming_from_an_earlier_checkpoint_than_the_latest_is_an_error(tmp_pat
 def test_a_corrupt_checkpoint_at_resume_is_an_error_naming_it(tmp_path: Path) -> None:
     train(config(tmp_path, max_iters=4))
     latest = run_dir(tmp_path) / "ckpt_last_00000004.pt"
-    data = bytearray(latest.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    latest.write_bytes(bytes(data))
+    flip_tensor_byte(latest)
     with pytest.raises(CheckpointCorruptError, match="ckpt_last_00000004.pt"):
         train(config(tmp_path, max_iters=8))
 
