@@ -122,10 +122,21 @@ def aws_test_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def s3_bucket(s3_admin: Any, aws_test_credentials: None) -> str:
+def s3_bucket(s3_admin: Any, aws_test_credentials: None) -> Iterator[str]:
     name = f"test-{next(_BUCKETS)}-{secrets.token_hex(4)}"
     s3_admin.create_bucket(Bucket=name)
-    return name
+    yield name
+    _empty_bucket(s3_admin, name)  # moto keeps everything in RAM for the whole session
+
+
+def _empty_bucket(admin: Any, bucket: str) -> None:
+    for upload in admin.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+        admin.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in admin.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            admin.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    admin.delete_bucket(Bucket=bucket)
 
 
 S3LocationFactory = Callable[..., RemoteLocation]
@@ -180,3 +191,49 @@ def gcs_location(gcs_emulator: GcsEmulator) -> Callable[..., RemoteLocation]:
         return RemoteLocation(scheme="gs", root=f"{bucket}/{prefix}", storage_options=StorageOptions(**options))
 
     return make
+
+
+@dataclass
+class AuthMotoServer:
+    """A moto server that enforces IAM: bucket ``locked`` and a user allowed only to list and read it."""
+
+    endpoint: str
+    reader_key: str
+    reader_secret: str
+    bucket: str = "locked"
+
+
+@pytest.fixture(scope="session")
+def moto_with_iam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthMotoServer]:
+    import json
+
+    import boto3
+
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("moto-iam")
+    argv = [_script("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    env = dict(os.environ, AWS_EC2_METADATA_DISABLED="true", TMPDIR=str(tmp), INITIAL_NO_AUTH_ACTION_COUNT="4")
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, process, "moto_server (IAM enforced)")
+        endpoint = f"http://127.0.0.1:{port}"
+        setup: dict[str, Any] = {
+            "endpoint_url": endpoint,
+            "aws_access_key_id": "setup",
+            "aws_secret_access_key": "setup",
+            "region_name": TEST_REGION,
+        }
+        iam, s3 = boto3.client("iam", **setup), boto3.client("s3", **setup)
+        # exactly four unauthenticated actions; every later request must be signed by a known user
+        iam.create_user(UserName="reader")
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        s3.create_bucket(Bucket="locked")
+        policy = {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}
+        iam.put_user_policy(
+            UserName="reader",
+            PolicyName="read-only",
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [policy]}),
+        )
+        yield AuthMotoServer(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        _stop(process)

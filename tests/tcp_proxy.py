@@ -109,7 +109,12 @@ class CuttingProxy:
                 if not data:
                     break
                 if state.drop_response:
-                    break  # the server answered; the client never hears it
+                    interim, data = _split_interim(data)
+                    if interim:  # "100 Continue" only invites the body: pass it on
+                        state.client.sendall(interim)
+                    if data:
+                        break  # the server answered the request; the client never hears it
+                    continue
                 state.client.sendall(data)
         except OSError:
             pass
@@ -125,6 +130,15 @@ class _Connection:
     def close(self) -> None:
         _shut(self.client)
         _shut(self.server)
+
+
+def _split_interim(data: bytes) -> tuple[bytes, bytes]:
+    """Split leading ``HTTP/1.1 100 Continue`` responses off ``data``."""
+    marker = b"HTTP/1.1 100 Continue\r\n\r\n"
+    cut = 0
+    while data.startswith(marker, cut):
+        cut += len(marker)
+    return data[:cut], data[cut:]
 
 
 def _shut(sock: socket.socket) -> None:

@@ -9,11 +9,13 @@ import ml_playground.errors
 
 def test_checkpoint_exports() -> None:
     assert sorted(ml_playground.checkpoint.__all__) == [
+        "AsyncCheckpointSaver",
         "Checkpoint",
         "CheckpointInfo",
         "CheckpointKind",
         "CheckpointManager",
         "CheckpointName",
+        "CheckpointSaver",
         "CheckpointStore",
         "FORMAT_VERSION",
         "FileOps",
@@ -21,10 +23,12 @@ def test_checkpoint_exports() -> None:
         "LocalStore",
         "MetricMode",
         "StoredObject",
+        "SyncCheckpointSaver",
         "WriterLease",
         "decode",
         "encode",
         "improves",
+        "open_saver",
         "open_store",
         "to_delete",
     ]

@@ -10,7 +10,7 @@ import pytest
 from ml_playground.checkpoint import open_store
 from ml_playground.config_loader import parse_location
 from ml_playground.errors import ConfigError, MissingExtraError
-from ml_playground.locations import RemoteLocation
+from ml_playground.locations import RemoteLocation, StorageOptions
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,28 @@ def test_missing_backend_names_the_extra_when_a_store_is_opened(
         open_store(RemoteLocation(scheme=scheme, root="bucket/run"))
 
 
-@pytest.mark.parametrize("url", ["ftp://host/run", "s3://", "gs://Bad_Bucket/run"])
+@pytest.mark.parametrize("url", ["ftp://host/run", "s3://", "s3:///run", "gs://Bad_Bucket/run"])
 def test_invalid_remote_urls_fail_at_config_load(url: str) -> None:
     with pytest.raises(ConfigError, match="://"):
         parse_location(url, base_dir=Path.cwd())
+
+
+@pytest.mark.parametrize(
+    ("scheme", "option", "value"),
+    [
+        ("gs", "max_attempts", 3),
+        ("gs", "region", "eu"),
+        ("gs", "server_side_encryption", "AES256"),
+        ("memory", "anon", True),
+    ],
+)
+def test_storage_options_a_backend_would_ignore_are_refused(scheme: str, option: str, value: object) -> None:
+    location = RemoteLocation(scheme=scheme, root="bucket/run", storage_options=StorageOptions(**{option: value}))
+    with pytest.raises(ConfigError, match=option):
+        open_store(location)
+
+
+def test_kms_key_without_kms_encryption_is_refused() -> None:
+    options = StorageOptions(sse_kms_key_id="key", server_side_encryption="AES256")
+    with pytest.raises(ConfigError, match="sse_kms_key_id"):
+        open_store(RemoteLocation(scheme="s3", root="bucket/run", storage_options=options))

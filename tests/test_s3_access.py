@@ -24,7 +24,7 @@ from ml_playground.errors import (
     StorageUnavailableError,
 )
 from ml_playground.locations import RemoteLocation, StorageOptions
-from tests.servers import MotoServer, S3LocationFactory, closed_port
+from tests.servers import AuthMotoServer, MotoServer, S3LocationFactory, closed_port
 
 pytestmark = pytest.mark.s3
 
@@ -38,7 +38,7 @@ def test_closed_port_fails_fast_naming_the_url(aws_test_credentials: None) -> No
     started = time.monotonic()
     with pytest.raises(StorageUnavailableError, match=r"s3://some-bucket/run.*unreachable"):
         open_store(location, create=True)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
 
 
 def test_closed_port_with_default_retries_still_fails_fast_at_open(aws_test_credentials: None) -> None:
@@ -46,7 +46,7 @@ def test_closed_port_with_default_retries_still_fails_fast_at_open(aws_test_cred
     started = time.monotonic()
     with pytest.raises(StorageUnavailableError):
         open_store(location, create=True)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
 
 
 def test_missing_bucket_fails_at_open_naming_it(s3_location: S3LocationFactory) -> None:
@@ -67,7 +67,7 @@ def test_missing_credentials_fail_at_open_with_a_hint(moto_server: MotoServer) -
         StorageUnavailableError, match=r"s3://some-bucket/run.*no usable credentials.*AWS_ACCESS_KEY_ID"
     ):
         open_store(location, create=True)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
 
 
 def test_unknown_profile_fails_at_open(moto_server: MotoServer) -> None:
@@ -100,6 +100,28 @@ def test_endpoint_from_the_environment_is_used(
     with store.write("a.pt") as stream:
         stream.write(b"a")
     assert [obj.name for obj in store.list()] == ["a.pt"]
+
+
+def test_denied_write_fails_at_open_and_reading_still_works(
+    moto_with_iam: AuthMotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_with_iam.reader_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_with_iam.reader_secret)
+    location = _location(f"{moto_with_iam.bucket}/run", endpoint_url=moto_with_iam.endpoint, region="us-east-1")
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailableError, match=r"s3://locked/run.*access denied"):
+        open_store(location, create=True)
+    assert time.monotonic() - started < 10
+    assert open_store(location).list() == []
+
+
+def test_unknown_access_key_fails_at_open(moto_with_iam: AuthMotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    location = _location(f"{moto_with_iam.bucket}/run", endpoint_url=moto_with_iam.endpoint, region="us-east-1")
+    with pytest.raises(StorageUnavailableError, match=r"s3://locked/run.*access denied.*InvalidAccessKeyId") as caught:
+        open_store(location, create=True)
+    assert "not-a-secret" not in str(caught.value)
 
 
 # ---------------------------------------------------------------- nothing escapes untranslated
@@ -156,6 +178,13 @@ def _client_error(code: str, status: int, operation: str = "PutObject") -> Excep
     )
 
 
+def _if_match_failed() -> Exception:
+    from botocore.exceptions import ClientError
+
+    response: Any = {"Error": {"Code": "PreconditionFailed", "Message": "m", "Condition": "If-Match"}}
+    return ClientError(response, "GetObject")
+
+
 def _s3fs_wrapped(code: str, status: int) -> Exception:
     from s3fs.errors import translate_boto_error
 
@@ -177,6 +206,7 @@ def _backend_errors() -> list[tuple[str, Callable[[], BaseException], type[Check
         ("s3fs AccessDenied", lambda: _s3fs_wrapped("AccessDenied", 403), StorageUnavailableError),
         ("InvalidAccessKeyId", lambda: _client_error("InvalidAccessKeyId", 403), StorageUnavailableError),
         ("PreconditionFailed", lambda: _client_error("PreconditionFailed", 412), CheckpointExistsError),
+        ("If-Match 412", lambda: _if_match_failed(), StorageError),
         ("s3fs FileExists", lambda: FileExistsError("exists"), CheckpointExistsError),
         ("InternalError", lambda: _client_error("InternalError", 500), StorageError),
         ("NoCredentials", be.NoCredentialsError, StorageUnavailableError),
@@ -186,6 +216,7 @@ def _backend_errors() -> list[tuple[str, Callable[[], BaseException], type[Check
         ("ProfileNotFound", lambda: be.ProfileNotFound(profile="p"), StorageUnavailableError),
         ("aiohttp payload", lambda: aiohttp.ClientPayloadError("cut"), StorageError),
         ("gcs 403", lambda: HttpError({"code": 403, "message": "denied"}), StorageUnavailableError),
+        ("gcsfs Forbidden", lambda: OSError("Forbidden: https://storage/b/o\nno access"), StorageUnavailableError),
         ("gcs 412", lambda: HttpError({"code": 412, "message": "precondition"}), CheckpointExistsError),
         ("OSError", lambda: OSError(5, "I/O error"), StorageError),
         ("RuntimeError", lambda: RuntimeError("anything else"), StorageError),

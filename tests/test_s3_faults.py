@@ -6,7 +6,9 @@ multipart upload left open (asked of the server itself, not of the store under t
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 
 from ml_playground.checkpoint import CheckpointStore, open_store
 from ml_playground.checkpoint.stores import FsspecStore
-from ml_playground.errors import CheckpointError, StorageError
+from ml_playground.errors import CheckpointError, CheckpointExistsError, StorageError
 from tests.servers import MotoServer, S3LocationFactory
 from tests.tcp_proxy import CuttingProxy
 
@@ -171,3 +173,63 @@ def test_single_put_cut_mid_request_fails_cleanly(
         _write(store, NEW, BIG[: 4 * 2**20])  # under one part: a single PutObject
     proxy.cut_after_bytes = None
     check_clean(store)
+
+
+def test_lost_put_response_then_412_on_retry_is_recognised_as_our_own_object(
+    proxied: tuple[CuttingProxy, FsspecStore], s3_admin: Any, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy, store = proxied
+    proxy.drop_response_when = lambda head: head.startswith(f"PUT /{s3_bucket}/run/{NEW}".encode())
+    proxy.drops = 1
+    with caplog.at_level(logging.INFO, logger="ml_playground"):
+        _write(store, NEW, PREVIOUS + b"new")  # under one part: a single conditional PutObject
+    assert proxy.drop_count == 1
+    assert "retried after it had landed" in caplog.text  # the retry got 412 and the write id settled it
+    assert _read(store, NEW) == PREVIOUS + b"new"
+
+
+def test_someone_elses_object_is_not_mistaken_for_ours(store: FsspecStore, s3_admin: Any, s3_bucket: str) -> None:
+    from botocore.exceptions import ConnectionClosedError
+
+    events = _client(store).meta.events
+
+    def other_writer_wins(**_: Any) -> None:
+        # the commit never reaches the server; meanwhile another writer commits the same name
+        events.unregister("before-send.s3.CompleteMultipartUpload", other_writer_wins)
+        s3_admin.put_object(Bucket=s3_bucket, Key=f"run/{NEW}", Body=b"theirs")
+        raise ConnectionClosedError(endpoint_url="injected CompleteMultipartUpload fault")
+
+    events.register("before-send.s3.CompleteMultipartUpload", other_writer_wins)
+    with pytest.raises(CheckpointExistsError, match=NEW):  # the retried commit is refused: not ours
+        _write(store, NEW, BIG)
+    assert _read(store, NEW) == b"theirs"
+    assert s3_admin.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_ctrl_c_while_parts_are_in_flight_aborts_everything(
+    store: FsspecStore, check_clean: Callable[[CheckpointStore], None]
+) -> None:
+    import _thread
+    import asyncio
+
+    async def interrupt_main_while_uploading(**_: Any) -> None:
+        _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread, wherever it is
+        await asyncio.sleep(1)  # the part stays in flight meanwhile
+
+    _client(store).meta.events.register("before-send.s3.UploadPart", interrupt_main_while_uploading)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _write(store, NEW, BIG)
+    assert time.monotonic() - started < 10
+    check_clean(store)
+
+
+def test_next_writer_aborts_uploads_a_killed_writer_left_in_its_location(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
+) -> None:
+    # what SIGKILL mid-save leaves behind; moto dates every upload in 2010, so all of these are "old"
+    for key in ("run/ckpt_last_00000009.pt", "run/nested/ckpt_last_00000001.pt", "other/ckpt_last_00000001.pt"):
+        s3_admin.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    open_store(s3_location("run"), create=True)
+    left = sorted(upload["Key"] for upload in s3_admin.list_multipart_uploads(Bucket=s3_bucket)["Uploads"])
+    assert left == ["other/ckpt_last_00000001.pt", "run/nested/ckpt_last_00000001.pt"]

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
+from ml_playground.checkpoint.stores import FsspecStore
 from ml_playground.config_loader import load, parse_checkpoint_ref
-from ml_playground.errors import CheckpointRotatedAwayError
+from ml_playground.errors import CheckpointRotatedAwayError, StorageError
 from ml_playground.locations import RemoteLocation
 from tests.conftest import assert_same_checkpoint, make_checkpoint
 from tests.servers import MotoServer, S3LocationFactory
@@ -157,3 +158,50 @@ def test_checkpoint_ref_splits_a_file_url() -> None:
     location, name = parse_checkpoint_ref("s3://bucket/run/ckpt_last_00000001.pt", base_dir=Path.cwd())
     assert isinstance(location, RemoteLocation)
     assert (location.url, name) == ("s3://bucket/run", "ckpt_last_00000001.pt")
+
+
+def test_a_network_fault_during_torch_save_surfaces_as_storage_error(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
+) -> None:
+    from botocore.exceptions import ConnectionClosedError
+
+    # one part in flight: the second part's write waits for the first, so the fault surfaces inside torch.save
+    manager = _manager(s3_location(part_size_mib=5, max_concurrency=1), last=1, best=0)
+    previous = make_checkpoint(1)
+    manager.save_last(previous)
+
+    def fail(**_: Any) -> None:
+        raise ConnectionClosedError(endpoint_url="injected UploadPart fault")
+
+    store = manager.store
+    assert isinstance(store, FsspecStore)
+    store.filesystem.connect().meta.events.register("before-send.s3.UploadPart", fail)
+    # torch.save turns a failing write into a bare RuntimeError; the store's own error is what surfaces
+    with pytest.raises(StorageError, match=r"ckpt_last_00000002\.pt.*injected UploadPart fault"):
+        manager.save_last(make_checkpoint(2, width=1100))
+    assert [info.filename for info in manager.checkpoints()] == ["ckpt_last_00000001.pt"]
+    assert_same_checkpoint(manager.load_latest(), previous)
+    assert s3_admin.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_a_checkpoint_rotated_away_during_torch_load_is_reported_as_such(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
+) -> None:
+    location = s3_location()
+    writer = _manager(location, last=1, best=0)
+    writer.save_last(make_checkpoint(1, width=1100))  # ~19 MiB: many ranged reads of 1 MiB
+    store = FsspecStore(
+        FsspecStore.from_location(location, create=False).filesystem, location.url, read_block_size=2**20
+    )
+    reader = CheckpointManager(store, KeepPolicy(last=1, best=0))
+    gets = [0]
+
+    def rotate_after_first_read(**_: Any) -> None:
+        gets[0] += 1
+        if gets[0] == 2:  # another process saves iteration 2 and rotates iteration 1 away
+            s3_admin.put_object(Bucket=s3_bucket, Key="run/ckpt_last_00000002.pt", Body=b"x")
+            s3_admin.delete_object(Bucket=s3_bucket, Key="run/ckpt_last_00000001.pt")
+
+    store.filesystem.connect().meta.events.register("before-send.s3.GetObject", rotate_after_first_read)
+    with pytest.raises(CheckpointRotatedAwayError, match=r"ckpt_last_00000001\.pt was rotated away"):
+        reader.load("ckpt_last_00000001.pt")

@@ -12,7 +12,7 @@ import pytest
 from ml_playground.checkpoint import CheckpointStore, open_store
 from ml_playground.checkpoint.stores import FsspecStore
 from ml_playground.checkpoint.stores._s3_upload import WRITE_ID_KEY
-from ml_playground.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError
+from ml_playground.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, StorageError
 from ml_playground.locations import RemoteLocation
 from tests.servers import S3LocationFactory
 
@@ -191,3 +191,50 @@ def test_many_threads_saving_different_names_all_commit(store: FsspecStore) -> N
         thread.join(60)
     assert errors == []
     assert sorted(obj.size for obj in store.list()) == [6 * MIB, 6 * MIB + 1, 6 * MIB + 2]
+
+
+def test_parts_in_flight_and_memory_stay_bounded(s3_location: S3LocationFactory) -> None:
+    import tracemalloc
+
+    store = open_store(s3_location(part_size_mib=5, max_concurrency=2), create=True)
+    assert isinstance(store, FsspecStore)
+    events = store.filesystem.connect().meta.events
+    in_flight = [0, 0]  # now, most
+
+    def started(**_: Any) -> None:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+
+    def finished(**_: Any) -> None:
+        in_flight[0] -= 1
+
+    events.register("before-call.s3.UploadPart", started)
+    events.register("after-call.s3.UploadPart", finished)
+    data = DATA + DATA + DATA  # 36 MiB: eight parts
+    tracemalloc.start()
+    try:
+        _write(store, "big.pt", data, chunk=MIB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert in_flight[1] == 2  # parts overlap, and never more than max_concurrency
+    # (max_concurrency + 1) parts of 5 MiB, plus BytesIO growth and client buffers; far below the 36 MiB object
+    assert peak < 24 * MIB, f"peak {peak / MIB:.1f} MiB while writing {len(data) / MIB:.0f} MiB"
+    assert _read(store, "big.pt") == data
+
+
+def test_reading_an_object_replaced_meanwhile_fails_instead_of_mixing_bytes(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
+) -> None:
+    location = s3_location()
+    store = FsspecStore.from_location(location, create=True)
+    _write(store, "a.pt", DATA)
+    reader = FsspecStore(store.filesystem, location.url, read_block_size=MIB)
+    with reader.open("a.pt") as stream:
+        head = stream.read(1000)
+        s3_admin.put_object(Bucket=s3_bucket, Key="run/a.pt", Body=bytes(len(DATA)))
+        stream.seek(len(DATA) - 1000)
+        with pytest.raises(StorageError, match=r"a\.pt.*changed while it was being read") as caught:
+            stream.read(1000)
+    assert not isinstance(caught.value, CheckpointExistsError)
+    assert head == DATA[:1000]

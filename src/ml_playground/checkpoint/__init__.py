@@ -5,6 +5,7 @@
 >>> manager.save_last(checkpoint); manager.load_latest()
 """
 
+from ml_playground.checkpoint._async import AsyncCheckpointSaver, CheckpointSaver, SyncCheckpointSaver, open_saver
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint
 from ml_playground.checkpoint._codec import decode, encode
 from ml_playground.checkpoint._lease import WriterLease
@@ -16,21 +17,25 @@ from ml_playground.checkpoint.stores import FileOps, LocalStore, open_store
 
 __all__ = [
     "FORMAT_VERSION",
+    "AsyncCheckpointSaver",
     "Checkpoint",
     "CheckpointInfo",
     "CheckpointKind",
     "CheckpointManager",
     "CheckpointName",
+    "CheckpointSaver",
     "CheckpointStore",
     "FileOps",
     "KeepPolicy",
     "LocalStore",
     "MetricMode",
     "StoredObject",
+    "SyncCheckpointSaver",
     "WriterLease",
     "decode",
     "encode",
     "improves",
+    "open_saver",
     "open_store",
     "to_delete",
 ]

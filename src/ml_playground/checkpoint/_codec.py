@@ -11,30 +11,39 @@ reads it without this package. Its top level is::
 ``integrity.tensors`` holds one digest of every tensor's bytes in traversal order; ``structure`` covers
 every key, plain value, dtype and shape. ``torch.load`` itself detects no flipped byte in tensor data,
 so these digests are what make a damaged file an error instead of a silently wrong model.
+
+Speed (docs/performance.md): ``torch.save``'s zip writer computes a CRC32 of every record by default, a
+whole extra pass over the tensor bytes that ``torch.load`` never checks; our xxh3 digests are the check,
+so ``encode`` turns that CRC off for its own ``torch.save`` call (the records' CRC fields then read 0;
+``torch.load`` is unaffected, ``unzip -t`` would complain). A file given as a local path is read by
+``torch.load``'s own reader, or memory-mapped when the caller asks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import pickle
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
 import xxhash
 
-from ml_playground.checkpoint._archive import check_records
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, check_plain_tree
 from ml_playground.errors import (
     CheckpointCorruptError,
+    CheckpointNotFoundError,
     CheckpointSchemaError,
     CheckpointVersionError,
     MLPlaygroundError,
     UnsafeCheckpointError,
 )
 
-__all__ = ["FORMAT_MAGIC", "MIGRATIONS", "decode", "encode"]
+__all__ = ["FORMAT_MAGIC", "MIGRATIONS", "decode", "encode", "verify"]
 
 FORMAT_MAGIC = "ml_playground.checkpoint"
 _ALGORITHM = "xxh3_64"
@@ -42,6 +51,10 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _TENSOR_SECTIONS = ("model", "optimizer", "ema", "rng_state")
 
 Payload = dict[str, Any]
+Source = IO[bytes] | Path
+"""What ``decode``/``verify`` read: an open binary stream, or the path of a local file."""
+
+_CRC32_SWITCH = threading.Lock()
 MIGRATIONS: dict[int, Callable[[Payload], Payload]] = {}
 """``MIGRATIONS[v]`` turns a verified payload of format version ``v`` into version ``v + 1``."""
 
@@ -66,7 +79,8 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes]) -> None:
     payload["integrity"] = _integrity(payload)
     sink = _ErrorKeepingSink(stream)
     try:
-        torch.save(payload, cast(IO[bytes], sink))  # torch only calls write() and flush()
+        with _crc32_off():
+            torch.save(payload, cast(IO[bytes], sink))  # torch only calls write() and flush()
     except BaseException as exc:
         if sink.error is not None and sink.error is not exc:
             raise sink.error from None  # torch.save reports it as RuntimeError("unexpected pos ...")
@@ -100,17 +114,37 @@ class _ErrorKeepingSink:
         self._stream.flush()
 
 
+@contextlib.contextmanager
+def _crc32_off() -> Iterator[None]:
+    # The switch is process-global: every save of ours holds one lock while it is off and restores the
+    # previous value, so two concurrent saves of ours never flip it under each other. A plain torch.save
+    # that another thread runs at the same moment writes zero CRC fields too; torch.load ignores them.
+    with _CRC32_SWITCH:
+        previous = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            yield
+        finally:
+            torch.serialization.set_crc32_options(previous)
+
+
 def decode(
-    stream: IO[bytes],
+    data: Source,
     *,
     source: str,
     map_location: torch.device | str | None = None,
     verify: bool = True,
+    mmap: bool = False,
 ) -> Checkpoint:
-    """Read, check and return the checkpoint in ``stream``; ``source`` names it in every error."""
-    if verify:
-        check_records(stream, source)
-    payload = _load_payload(stream, source, map_location)
+    """Read, check and return the checkpoint in ``data``; ``source`` names it in every error.
+
+    ``verify=False`` skips the checksums (DESIGN.md, Integrity: only when the caller asks; run
+    :func:`verify` later). ``mmap=True`` needs a local ``Path``: tensors are then backed by the file's
+    pages (copy-on-write), so the call returns before the tensor bytes are read.
+    """
+    if mmap and not isinstance(data, Path):
+        raise ValueError(f"mmap loading needs a local file path; {source} is a stream")
+    payload = _load_payload(data, source, map_location, mmap)
     version = _check_header(payload, source)
     if verify:
         _verify_integrity(payload, source)
@@ -120,22 +154,28 @@ def decode(
     return _to_checkpoint(payload, source)
 
 
-def _load_payload(stream: IO[bytes], source: str, map_location: torch.device | str | None) -> Any:
-    # torch.save writes a zip archive; anything else would take torch.load's legacy pickle path
-    start = stream.tell()
-    magic = stream.read(len(_ZIP_MAGIC))
-    stream.seek(start)
-    if magic != _ZIP_MAGIC:
-        what = "empty" if not magic else "not a torch.save archive"
-        raise CheckpointCorruptError(f"{source} is {what}; it is damaged or not a checkpoint")
+def verify(data: Source, *, source: str) -> None:
+    """Check the checksums of the checkpoint in ``data`` without keeping it; raises if it is damaged.
+
+    A local path is memory-mapped, so verifying costs one read of the file and no copy of it.
+    """
+    payload = _load_payload(data, source, None, isinstance(data, Path))
+    _check_header(payload, source)
+    _verify_integrity(payload, source)
+
+
+def _load_payload(data: Source, source: str, map_location: torch.device | str | None, mmap: bool) -> Any:
+    _check_magic(data, source)
     try:
         with warnings.catch_warnings():
             # a damaged or foreign file makes torch warn about its pickle protocol; the outcome (an
             # error, or a verified load) must not depend on the caller's warning filters
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(stream, map_location=map_location, weights_only=True)
+            return torch.load(data, map_location=map_location, weights_only=True, mmap=mmap)
     except MLPlaygroundError:
         raise
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no checkpoint {source}") from None
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
             raise UnsafeCheckpointError(
@@ -147,6 +187,25 @@ def _load_payload(stream: IO[bytes], source: str, map_location: torch.device | s
         raise CheckpointCorruptError(
             f"{source} is not a readable checkpoint (truncated or damaged: {_first_line(exc)})"
         ) from None
+
+
+def _check_magic(data: Source, source: str) -> None:
+    # torch.save writes a zip archive; anything else would take torch.load's legacy pickle path
+    if isinstance(data, Path):
+        try:
+            with data.open("rb") as handle:
+                magic = handle.read(len(_ZIP_MAGIC))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"no checkpoint {source}") from None
+        except OSError as exc:
+            raise CheckpointCorruptError(f"{source} cannot be read ({_first_line(exc)})") from None
+    else:
+        start = data.tell()
+        magic = data.read(len(_ZIP_MAGIC))
+        data.seek(start)
+    if magic != _ZIP_MAGIC:
+        what = "empty" if not magic else "not a torch.save archive"
+        raise CheckpointCorruptError(f"{source} is {what}; it is damaged or not a checkpoint")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, Union
@@ -11,11 +13,12 @@ from typing import TYPE_CHECKING, Literal, Union
 import torch
 
 from ml_playground.checkpoint._checkpoint import Checkpoint
-from ml_playground.checkpoint._codec import decode, encode
+from ml_playground.checkpoint._codec import Source, decode, encode
+from ml_playground.checkpoint._codec import verify as verify_source
 from ml_playground.checkpoint._lease import DEFAULT_TTL, WriterLease
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, format_metric, is_checkpoint_like
 from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
-from ml_playground.checkpoint._store import CheckpointStore
+from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore
 from ml_playground.checkpoint.stores._local import LocalStore
 from ml_playground.errors import (
     CheckpointError,
@@ -188,23 +191,51 @@ class CheckpointManager:
 
     # ------------------------------------------------------------ loading
 
-    def load(self, filename: str, *, map_location: MapLocation = None, verify: bool = True) -> Checkpoint:
-        """Load one checkpoint by file name and check that its content matches its name."""
+    def load(
+        self, filename: str, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False
+    ) -> Checkpoint:
+        """Load one checkpoint by file name and check that its content matches its name.
+
+        ``mmap=True`` (local stores only) returns tensors backed by the file's pages; with
+        ``verify=False`` as well the call returns before the tensor bytes are read, and
+        :meth:`verify` checks the file later (DESIGN.md, Integrity).
+        """
         name = CheckpointName.parse(filename)
         source = f"{self.store.url}/{filename}"
         try:
-            with self.store.open(filename) as stream:
-                checkpoint = decode(stream, source=source, map_location=map_location, verify=verify)
+            with self._source(filename, mmap) as data:
+                checkpoint = decode(data, source=source, map_location=map_location, verify=verify, mmap=mmap)
         except CheckpointNotFoundError:
             raise self._not_found(name, source) from None
         _check_matches_name(checkpoint, name, source)
         return checkpoint
 
-    def load_latest(self, *, map_location: MapLocation = None, verify: bool = True) -> Checkpoint:
-        return self._load_chosen(self.latest(), "any", map_location, verify)
+    def verify(self, filename: str) -> None:
+        """Check one checkpoint's checksums (memory-mapped where the store is local); damage raises."""
+        name = CheckpointName.parse(filename)
+        source = f"{self.store.url}/{filename}"
+        try:
+            with self._source(filename, False) as data:
+                verify_source(data, source=source)
+        except CheckpointNotFoundError:
+            raise self._not_found(name, source) from None
 
-    def load_best(self, *, map_location: MapLocation = None, verify: bool = True) -> Checkpoint:
-        return self._load_chosen(self.best(), "best", map_location, verify)
+    @contextlib.contextmanager
+    def _source(self, filename: str, mmap: bool) -> Iterator[Source]:
+        # torch.load reads a path with its own reader, faster than through a Python stream.
+        if isinstance(self.store, LocalPathStore):
+            yield self.store.local_path(filename)
+        elif mmap:
+            raise CheckpointError(f"{self.store.url} is not a local location; mmap loading needs local files")
+        else:
+            with self.store.open(filename) as stream:
+                yield stream
+
+    def load_latest(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
+        return self._load_chosen(self.latest(), "any", map_location, verify, mmap)
+
+    def load_best(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
+        return self._load_chosen(self.best(), "best", map_location, verify, mmap)
 
     def choose(self, policy: Literal["latest", "best"]) -> CheckpointInfo:
         """The checkpoint a read policy picks; none of that kind raises CheckpointNotFoundError."""
@@ -215,12 +246,12 @@ class CheckpointManager:
         return info
 
     def _load_chosen(
-        self, info: CheckpointInfo | None, kind: str, map_location: MapLocation, verify: bool
+        self, info: CheckpointInfo | None, kind: str, map_location: MapLocation, verify: bool, mmap: bool
     ) -> Checkpoint:
         if info is None:
             what = "checkpoint" if kind == "any" else f"{kind} checkpoint"
             raise CheckpointNotFoundError(f"no {what} in {self.store.url}")
-        return self.load(info.filename, map_location=map_location, verify=verify)
+        return self.load(info.filename, map_location=map_location, verify=verify, mmap=mmap)
 
     def _not_found(self, name: CheckpointName, source: str) -> CheckpointNotFoundError:
         newer = [info for info in self.checkpoints() if info.kind is name.kind and info.iter_num > name.iter_num]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
-__all__ = ["TEMP_PREFIX", "CheckpointStore", "StoredObject"]
+__all__ = ["TEMP_PREFIX", "CheckpointStore", "LocalPathStore", "StoredObject"]
 
 TEMP_PREFIX = ".ckpt-partial."
 """Prefix of an in-flight save's temporary object; no checkpoint name can start with it."""
@@ -50,3 +51,12 @@ class CheckpointStore(Protocol):
     def list(self) -> list[StoredObject]: ...
 
     def delete(self, name: str) -> None: ...
+
+
+@runtime_checkable
+class LocalPathStore(Protocol):
+    """An optional capability: a store whose committed objects are local files (memory-mappable)."""
+
+    def local_path(self, name: str) -> Path:
+        """The file of committed object ``name``; a missing one raises CheckpointNotFoundError."""
+        ...

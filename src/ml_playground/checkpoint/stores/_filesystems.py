@@ -19,7 +19,8 @@ __all__ = ["READ_BLOCK_SIZE", "make_filesystem"]
 READ_BLOCK_SIZE = 16 * 2**20
 """Bytes fetched per ranged GET when reading: bounds a reader's memory, amortises request latency."""
 
-# the options each scheme understands beyond the timeouts; any other explicitly set option is an error
+# the options each scheme understands; any other explicitly set option is an error, never ignored
+_TIMEOUTS = {"connect_timeout", "read_timeout"}
 _APPLICABLE: dict[str, set[str]] = {
     "s3": {
         "endpoint_url",
@@ -31,12 +32,14 @@ _APPLICABLE: dict[str, set[str]] = {
         "sse_kms_key_id",
         "part_size_mib",
         "max_concurrency",
+        "max_attempts",
+        *_TIMEOUTS,
     },
-    "gs": {"endpoint_url", "anon", "requester_pays", "part_size_mib"},
+    # gcsfs's retry count is fixed (6); it has no per-request concurrency or region
+    "gs": {"endpoint_url", "anon", "requester_pays", "part_size_mib", *_TIMEOUTS},
     "memory": set(),
 }
 _APPLICABLE["gcs"] = _APPLICABLE["gs"]
-_COMMON = {"connect_timeout", "read_timeout", "max_attempts"}
 _EXTRA = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 
 
@@ -57,9 +60,7 @@ def make_filesystem(location: RemoteLocation) -> Any:
 
 
 def _check_applicable(location: RemoteLocation, options: StorageOptions) -> None:
-    allowed = _APPLICABLE[location.scheme] | _COMMON
-    if location.scheme == "memory":
-        allowed = set()
+    allowed = _APPLICABLE[location.scheme]
     wrong = sorted(options.model_fields_set - allowed)
     if wrong:
         raise ConfigError(

@@ -17,22 +17,23 @@ Listings bypass fsspec's caches; every backend error leaves through
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from ml_playground.checkpoint._store import TEMP_PREFIX, StoredObject
 from ml_playground.checkpoint.stores._filesystems import READ_BLOCK_SIZE, make_filesystem
-from ml_playground.checkpoint.stores._s3_upload import S3Upload
+from ml_playground.checkpoint.stores._s3_upload import S3Upload, abort_stale_uploads
+from ml_playground.checkpoint.stores._streams import Reader, Writer, raise_own_failure
 from ml_playground.checkpoint.stores._translate import error_code, translated
-from ml_playground.errors import CheckpointExistsError, CheckpointNotFoundError, StorageUnavailableError
+from ml_playground.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    StorageUnavailableError,
+)
 from ml_playground.locations import RemoteLocation
-
-if TYPE_CHECKING:
-    from typing_extensions import Buffer
 
 __all__ = ["FsspecStore"]
 
@@ -84,6 +85,9 @@ class FsspecStore:
         )
         if create:
             store._prove_writable(_quick_filesystem(location) if location.scheme != "memory" else store._fs)
+            if location.scheme == "s3":
+                bucket, _, prefix = location.root.partition("/")
+                abort_stale_uploads(store._fs, bucket, prefix)
         return store
 
     @property
@@ -117,9 +121,12 @@ class FsspecStore:
         url = self._child(name)
         with translated("opening", url):
             handle = self._fs.open(url, "rb", block_size=self._read_block_size, cache_type="readahead")
-        reader = _Reader(handle, url)
+        reader = Reader(handle, url)
         try:
             yield reader  # type: ignore[misc]
+        except Exception as exc:
+            raise_own_failure(reader.failure, exc)
+            raise
         finally:
             reader.close()
 
@@ -134,10 +141,7 @@ class FsspecStore:
 
     def write(self, name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         url = self._child(name)
-        with translated("checking before saving", url):
-            self._fs.invalidate_cache(url)
-            exists = self._fs.exists(url)
-        if exists:
+        if self._exists(url):
             raise CheckpointExistsError(f"{url} already exists; checkpoints are never overwritten")
         if self._scheme in ("s3", "s3a"):
             return self._write_s3(url)
@@ -152,8 +156,9 @@ class FsspecStore:
         try:
             yield upload  # type: ignore[misc]
             upload.commit()
-        except BaseException:
+        except BaseException as exc:
             upload.abort()
+            raise_own_failure(upload.failure, exc)
             raise
 
     @contextlib.contextmanager
@@ -161,37 +166,57 @@ class FsspecStore:
         temp = f"{self._url}/{TEMP_PREFIX}{secrets.token_hex(4)}.{name}"
         with translated("saving", url):
             handle = self._fs.open(temp, "wb")
+        writer = Writer(handle, url)
         try:
-            yield handle
+            yield writer  # type: ignore[misc]
             with translated("saving", url):
                 handle.close()
                 if self._fs.exists(url):
                     raise CheckpointExistsError(f"{url} was written by another writer meanwhile; not overwritten")
                 self._fs.mv(temp, url)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 handle.close()
             with contextlib.suppress(Exception):
                 self._fs.rm_file(temp)
+            raise_own_failure(writer.failure, exc)
             raise
 
     @contextlib.contextmanager
     def _write_uncommitted(self, url: str) -> Iterator[IO[bytes]]:
         with translated("saving", url):
             handle = self._fs.open(url, "xb", autocommit=False, block_size=self._part_size)
+        writer = Writer(handle, url)
         try:
-            yield handle
+            yield writer  # type: ignore[misc]
             with translated("saving", url):
                 handle.close()
                 handle.commit()
-        except BaseException:
+        except BaseException as exc:
             try:
                 handle.discard()
-            except Exception as exc:
-                logger.warning("could not cancel the unfinished upload of %s: %s", url, exc)
+            except Exception as discard_exc:
+                logger.warning("could not cancel the unfinished upload of %s: %s", url, discard_exc)
+            # a handle left open is flushed by its finaliser later (gcsfs defers that to a thread)
+            handle.closed = True
+            raise_own_failure(writer.failure, exc)
             raise
 
     # ------------------------------------------------------------ helpers
+
+    def _exists(self, url: str) -> bool:
+        with translated("checking before saving", url):
+            if self._scheme in ("s3", "s3a"):  # one HEAD; fs.exists would also list a "directory" of that name
+                bucket, _, key = url.partition("://")[2].partition("/")
+                try:
+                    self._fs.call_s3("head_object", Bucket=bucket, Key=key)
+                except FileNotFoundError as exc:
+                    if error_code(exc) == "NoSuchBucket":
+                        raise
+                    return False
+                return True
+            self._fs.invalidate_cache(url)
+            return bool(self._fs.exists(url))
 
     def _prove_writable(self, fs: Any) -> None:
         probe = f"{self._url}/{TEMP_PREFIX}probe.{secrets.token_hex(4)}"
@@ -211,59 +236,16 @@ class FsspecStore:
 
 
 def _quick_filesystem(location: RemoteLocation) -> Any:
-    """A filesystem with at most two attempts and a short connect timeout, for the probe at open.
+    """A filesystem with a short connect timeout (and on S3 at most two attempts), for the probe at open.
 
     A dead endpoint then fails in seconds; the store's own requests keep the configured retries.
     """
     options = location.storage_options
-    quick = options.model_copy(
-        update={"max_attempts": min(options.max_attempts, 2), "connect_timeout": min(options.connect_timeout, 5.0)}
-    )
+    update: dict[str, object] = {"connect_timeout": min(options.connect_timeout, 5.0)}
+    if location.scheme == "s3":
+        update["max_attempts"] = min(options.max_attempts, 2)
+    quick = options.model_copy(update=update)
     return make_filesystem(location.model_copy(update={"storage_options": quick}))
-
-
-class _Reader(io.RawIOBase):
-    """A seekable read stream whose backend errors (e.g. the object was deleted mid-read) are ours."""
-
-    def __init__(self, handle: Any, url: str) -> None:
-        super().__init__()
-        self._handle = handle
-        self._url = url
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def read(self, size: int | None = -1) -> bytes:
-        with translated("reading", self._url):
-            data: bytes = self._handle.read(-1 if size is None else size)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        with translated("reading", self._url):
-            position: int = self._handle.seek(offset, whence)
-        return position
-
-    def tell(self) -> int:
-        position: int = self._handle.tell()
-        return position
-
-    def close(self) -> None:
-        if not self.closed:
-            with contextlib.suppress(Exception):
-                self._handle.close()
-        super().close()
 
 
 def _basename(path: str) -> str:

@@ -24,15 +24,16 @@ import concurrent.futures
 import io
 import logging
 import secrets
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ml_playground.checkpoint.stores._translate import translate, translated
-from ml_playground.errors import StorageError
+from ml_playground.errors import CheckpointError, StorageError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["WRITE_ID_KEY", "S3Upload"]
+__all__ = ["STALE_UPLOAD_AGE", "WRITE_ID_KEY", "S3Upload", "abort_stale_uploads"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class S3Upload(io.RawIOBase):
         self._in_flight: dict[concurrent.futures.Future[dict[str, Any]], int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._committing = False
+        self.failure: CheckpointError | None = None
+        """The store's own error raised from :meth:`write`, kept because callers such as ``torch.save``
+        replace it with their own (a ``RuntimeError`` that loses the cause)."""
 
     @property
     def url(self) -> str:
@@ -87,8 +91,12 @@ class S3Upload(io.RawIOBase):
             view = view[take:]
             if self._buffer.tell() == self._part_size:
                 body, self._buffer = self._buffer, io.BytesIO()
-                with translated("uploading a part of", self._url):
-                    self._send_part(body)
+                try:
+                    with translated("uploading a part of", self._url):
+                        self._send_part(body)
+                except CheckpointError as exc:
+                    self.failure = exc
+                    raise
         self._size += total
         return total
 
@@ -262,3 +270,31 @@ async def _cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+STALE_UPLOAD_AGE = timedelta(hours=24)
+
+
+def abort_stale_uploads(fs: Any, bucket: str, prefix: str, *, older_than: timedelta = STALE_UPLOAD_AGE) -> int:
+    """Abort multipart uploads directly under ``prefix`` started more than ``older_than`` ago.
+
+    A save killed with its process (SIGKILL, a lost machine) cannot abort its own upload; the next
+    writer of the location does, as the local store removes a dead writer's temporary file. Uploads
+    of live writers are far younger than a day. Best effort: failures are logged, never raised.
+    """
+    now = datetime.now(UTC)
+    aborted = 0
+    try:
+        base = f"{prefix}/" if prefix else ""
+        response = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=base)
+        for upload in response.get("Uploads", []):
+            key, initiated = str(upload["Key"]), upload.get("Initiated")
+            if "/" in key[len(base) :] or not isinstance(initiated, datetime):
+                continue  # another location's upload, under a deeper prefix
+            if now - initiated.astimezone(UTC) > older_than:
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                logger.info("aborted stale multipart upload of s3://%s/%s from %s", bucket, key, initiated)
+                aborted += 1
+    except Exception as exc:
+        logger.warning("could not clean up stale uploads under s3://%s/%s: %s", bucket, prefix, exc)
+    return aborted

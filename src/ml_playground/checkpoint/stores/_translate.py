@@ -74,9 +74,9 @@ def translate(exc: BaseException, operation: str, url: str) -> CheckpointError:
     if isinstance(exc, CheckpointError):
         return exc
     what = f"{operation} {url} failed"
-    reason = _reason(exc)
     names = _class_names(exc)
     code = error_code(exc)
+    reason = _reason(exc, code)
     if names & _NO_CREDENTIALS:
         return StorageUnavailableError(f"{what}: no usable credentials ({reason}); {_CREDENTIALS_HINT}")
     if names & _UNREACHABLE:
@@ -85,16 +85,16 @@ def translate(exc: BaseException, operation: str, url: str) -> CheckpointError:
         )
     if code in _MISSING_BUCKET_CODES or "bucket does not exist" in reason.lower():
         return StorageUnavailableError(f"{what}: the bucket does not exist ({reason}); create it or fix the URL")
-    if code in _DENIED_CODES or isinstance(exc, PermissionError):
+    if code in _DENIED_CODES or isinstance(exc, PermissionError) or reason.startswith("Forbidden"):
         return StorageUnavailableError(
             f"{what}: access denied ({reason}); check the credentials and the bucket's permissions"
         )
+    if "FileExpired" in names or _condition(exc) == "If-Match":
+        return StorageError(f"{what}: the object changed while it was being read ({reason}); read it again")
     if code in _EXISTS_CODES or isinstance(exc, FileExistsError):
         return CheckpointExistsError(f"{what}: the object already exists ({reason}); checkpoints are never overwritten")
     if code in _NOT_FOUND_CODES or isinstance(exc, FileNotFoundError):
         return CheckpointNotFoundError(f"{what}: no such object ({reason})")
-    if "FileExpired" in names:
-        return StorageError(f"{what}: the object changed while it was being read ({reason}); read it again")
     return StorageError(f"{what}: {reason}")
 
 
@@ -127,6 +127,17 @@ def error_code(exc: BaseException) -> str | None:
     return None
 
 
+def _condition(exc: BaseException) -> str | None:
+    """Which precondition header a 412 refers to: If-None-Match (exists) or If-Match (changed)."""
+    for link in _chain(exc):
+        response = getattr(link, "response", None)
+        if isinstance(response, dict):
+            condition = (response.get("Error") or {}).get("Condition")
+            if condition:
+                return str(condition)
+    return None
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     link: BaseException | None = exc
@@ -140,6 +151,8 @@ def _class_names(exc: BaseException) -> set[str]:
     return {cls.__name__ for link in _chain(exc) for cls in type(link).__mro__}
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, code: str | None) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if code and code not in text:
+        text = f"{code}: {text}"
     return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,5 @@
+"""``python -m ml_playground``: the same as the ``ml-playground`` command."""
+
+from ml_playground.cli import main
+
+raise SystemExit(main())

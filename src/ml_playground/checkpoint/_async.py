@@ -1,0 +1,211 @@
+"""Asynchronous saves: training resumes once the state is copied to CPU memory; the write runs in a thread.
+
+Rules (each tested in tests/test_async_save.py):
+
+- ``save_last``/``save_best`` return once the checkpoint is snapshotted (every tensor copied to CPU, plain
+  data deep-copied), so the caller may keep training and mutate its tensors right away.
+- At most one save is in flight: the next save first waits for the previous one. The saver keeps one
+  snapshot (1x the checkpoint) in CPU memory besides the live state, and copies the next save into it
+  (same keys, shapes, dtypes), so a save after the first allocates nothing. ``close()`` releases it.
+- Write and rotation run in the background through :class:`CheckpointManager`, which rotates only
+  after the new file is committed.
+- An error in the background is raised by the next call (``save_*``, ``wait``, ``close`` or leaving the
+  ``with`` block); it is never dropped. If the process exits without ``close()``, the in-flight save is
+  still completed (the writer thread is not a daemon), and a failure is logged at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from ml_playground.checkpoint._checkpoint import Checkpoint
+from ml_playground.checkpoint._manager import CheckpointManager
+from ml_playground.checkpoint._naming import CheckpointName
+from ml_playground.errors import CheckpointError
+
+__all__ = ["AsyncCheckpointSaver", "CheckpointSaver", "SyncCheckpointSaver", "open_saver", "snapshot"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class CheckpointSaver(Protocol):
+    """What a training loop saves through: synchronous or asynchronous, the same calls."""
+
+    def save_last(self, checkpoint: Checkpoint) -> CheckpointName | None: ...
+
+    def save_best(self, checkpoint: Checkpoint) -> CheckpointName | None: ...
+
+    def wait(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SyncCheckpointSaver:
+    """Saves in the caller's thread: a save has committed (and rotated) when the call returns."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        self.manager = manager
+
+    def save_last(self, checkpoint: Checkpoint) -> CheckpointName | None:
+        return self.manager.save_last(checkpoint)
+
+    def save_best(self, checkpoint: Checkpoint) -> CheckpointName | None:
+        return self.manager.save_best(checkpoint)
+
+    def wait(self) -> None:
+        """Nothing is ever in flight."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def open_saver(manager: CheckpointManager, *, async_save: bool) -> CheckpointSaver:
+    """The saver ``train.runtime.checkpointing.async_save`` asks for."""
+    return AsyncCheckpointSaver(manager) if async_save else SyncCheckpointSaver(manager)
+
+
+def snapshot(checkpoint: Checkpoint, *, into: Checkpoint | None = None) -> Checkpoint:
+    """A copy of ``checkpoint`` that shares no memory with it: tensors copied to CPU, containers rebuilt.
+
+    ``into``, a previous snapshot nobody uses any more, lends its tensors: where a tensor's key, shape,
+    dtype and layout match, the new bytes are copied into it instead of into fresh memory. Fresh memory
+    costs a page fault per page on first touch (slow on VMs: docs/performance.md); reused memory does not.
+    """
+    old = into
+    return Checkpoint(
+        model=_copy(checkpoint.model, old.model if old else None),
+        optimizer=_copy(checkpoint.optimizer, old.optimizer if old else None),
+        model_args=_copy(checkpoint.model_args, None),
+        iter_num=checkpoint.iter_num,
+        best_val_loss=checkpoint.best_val_loss,
+        config=_copy(checkpoint.config, None),
+        ema=None if checkpoint.ema is None else _copy(checkpoint.ema, old.ema if old else None),
+        rng_state=_copy(checkpoint.rng_state, old.rng_state if old else None),
+        data_state=_copy(checkpoint.data_state, None),
+    )
+
+
+def _copy(tree: Any, spare: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        tensor = tree.detach()
+        if (
+            isinstance(spare, torch.Tensor)
+            and spare.shape == tensor.shape
+            and spare.dtype == tensor.dtype
+            and spare.stride() == tensor.stride()
+            and spare.is_contiguous()
+        ):
+            return spare.copy_(tensor)
+        return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
+    if isinstance(tree, Mapping):
+        spares = spare if isinstance(spare, Mapping) else {}
+        return {key: _copy(value, spares.get(key)) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        others = spare if isinstance(spare, (list, tuple)) and len(spare) == len(tree) else [None] * len(tree)
+        copied = [_copy(value, other) for value, other in zip(tree, others, strict=True)]
+        return copied if isinstance(tree, list) else tuple(copied)
+    return tree  # immutable plain values
+
+
+class AsyncCheckpointSaver:
+    """Wraps a :class:`CheckpointManager`; see the module docstring for the rules. Close it, or use ``with``."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        self.manager = manager
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._spare: Checkpoint | None = None  # the last snapshot, free once its save is done
+        self._closed = False
+        atexit.register(self._report_at_exit)
+
+    def save_last(self, checkpoint: Checkpoint) -> CheckpointName | None:
+        """Snapshot and save as "last" in the background; the name it will have, or None if ``keep.last`` is 0."""
+        self._ready()
+        if self.manager.keep.last == 0:
+            return None
+        name = CheckpointName.last(checkpoint.iter_num)
+        self._start(name, self.manager.save_last, self._snapshot(checkpoint))
+        return name
+
+    def save_best(self, checkpoint: Checkpoint) -> CheckpointName | None:
+        """Snapshot and save as "best" in the background; a non-finite metric raises here, synchronously."""
+        self._ready()
+        if not checkpoint.has_finite_metric:
+            raise CheckpointError(
+                f"a best checkpoint needs a finite metric; iteration {checkpoint.iter_num} has "
+                f"{checkpoint.best_val_loss!r}"
+            )
+        if self.manager.keep.best == 0:
+            return None
+        name = CheckpointName.best(checkpoint.iter_num, checkpoint.best_val_loss)
+        self._start(name, self.manager.save_best, self._snapshot(checkpoint))
+        return name
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) has committed and rotated; raise its error if it failed."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Wait for the in-flight save and stop accepting saves; raises a background error. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._report_at_exit)
+        try:
+            self.wait()
+        finally:
+            self._spare = None
+
+    def __enter__(self) -> AsyncCheckpointSaver:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except BaseException as background:  # the caller's exception wins; the background one is attached
+            exc.add_note(f"and the background checkpoint save failed too: {background!r}")
+
+    def _ready(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"this asynchronous saver for {self.manager.store.url} is closed")
+        self.wait()
+
+    def _snapshot(self, checkpoint: Checkpoint) -> Checkpoint:
+        # Only called after wait(): the previous snapshot's save is over, so its memory is free to reuse.
+        self._spare = snapshot(checkpoint, into=self._spare)
+        return self._spare
+
+    def _start(self, name: CheckpointName, save: Callable[[Checkpoint], _T], state: Checkpoint) -> None:
+        def run() -> None:
+            try:
+                save(state)
+            except BaseException as exc:  # kept for the next call: never lost in this thread
+                self._error = exc
+
+        # Not a daemon: interpreter shutdown joins it, so a process that exits still completes the save.
+        self._thread = threading.Thread(target=run, name=f"checkpoint-save-{name.filename}", daemon=False)
+        self._thread.start()
+
+    def _report_at_exit(self) -> None:
+        # Runs after non-daemon threads were joined; nobody is left to raise to, so log it.
+        if self._error is not None:
+            logger.error("the background save to %s failed: %r", self.manager.store.url, self._error)
