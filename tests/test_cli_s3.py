@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 def keys(s3_admin: Any, bucket: str, prefix: str) -> list[str]:
     listed = s3_admin.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/").get("Contents", [])
-    return sorted(obj["Key"].removeprefix(f"{prefix}/") for obj in listed)
+    names = (obj["Key"].removeprefix(f"{prefix}/") for obj in listed)
+    return sorted(name for name in names if not name.startswith(".ml_playground.lease"))
 
 
 def uploads(s3_admin: Any, bucket: str) -> list[Any]:

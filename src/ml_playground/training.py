@@ -54,8 +54,8 @@ class TrainResult:
 def train(config: ExperimentConfig, *, progress_bar: bool | None = None) -> TrainResult:
     """Train (or resume) the run in ``config.train.runtime.out_dir``; progress is printed as it goes.
 
-    A local run location is held under the manager's writer lease for the whole run, so a second
-    ``train`` on the same location stops with LocationLockedError instead of interleaving saves.
+    A local or ``s3://`` run location is held under the manager's writer lease for the whole run, so a
+    second ``train`` on the same location stops with LocationLockedError instead of interleaving saves.
     """
     tc = config.train
     rt = tc.runtime
@@ -69,7 +69,8 @@ def train(config: ExperimentConfig, *, progress_bar: bool | None = None) -> Trai
     splits = load_splits(tc.data.corpus_chars, tc.data.val_fraction, tc.model.block_size)
     store = open_store(rt.out_dir, create=True)
     manager = CheckpointManager(store, KeepPolicy(last=ck.keep.last, best=ck.keep.best), mode=ck.mode)
-    lease = manager.acquire_writer() if isinstance(store, LocalStore) else None
+    # writer leases exist for local directories and s3:// (CheckpointManager.acquire_writer); others run without
+    lease = manager.acquire_writer() if isinstance(store, LocalStore) or store.url.startswith("s3://") else None
     try:
         return _train(config, splits, manager, device, progress_bar)
     finally:
