@@ -19,7 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ml_playground.checkpoint import Checkpoint, CheckpointManager, KeepPolicy, improves, open_store
+from ml_playground.checkpoint import (
+    AsyncCheckpointSaver,
+    Checkpoint,
+    CheckpointManager,
+    CheckpointSaver,
+    KeepPolicy,
+    improves,
+    open_saver,
+    open_store,
+)
 from ml_playground.config import ExperimentConfig, TrainConfig
 from ml_playground.data import Splits, fixed_batches, load_splits
 from ml_playground.errors import CheckpointError, ConfigError
@@ -76,11 +85,19 @@ def train(config: ExperimentConfig, *, progress_bar: bool | None = None) -> Trai
     start = state.iter_num
     what = f"resuming from iteration {start}" if resumed is not None else "starting a fresh run"
     out.line(f"{what} in {store.url} ({state.param_count():,} parameters, vocabulary of {splits.tokenizer.size})")
-    loop = _Loop(config, splits, state, manager, Progress(rt.max_iters, start, bar=progress_bar))
+    saver = open_saver(manager, async_save=ck.async_save)
+    loop = _Loop(config, splits, state, manager, saver, Progress(rt.max_iters, start, bar=progress_bar))
     try:
         metrics = loop.run(skip_first=resumed is not None)
+    except BaseException as exc:
+        try:  # the in-flight save still completes; its own failure must not hide the training one
+            saver.close()
+        except BaseException as background:
+            exc.add_note(f"and the background checkpoint save failed too: {background!r}")
+        raise
     finally:
         loop.progress.close()
+    saver.close()  # waits for the last save; a background failure raises here
     return TrainResult(store.url, start, rt.max_iters, False, metrics, state.best, _names(manager))
 
 
@@ -118,6 +135,7 @@ class _Loop:
         splits: Splits,
         state: TrainState,
         manager: CheckpointManager,
+        saver: CheckpointSaver,
         progress: Progress,
     ) -> None:
         self.config = config
@@ -125,6 +143,8 @@ class _Loop:
         self.splits = splits
         self.state = state
         self.manager = manager
+        self.saver = saver
+        self.saved = "queued for saving" if isinstance(saver, AsyncCheckpointSaver) else "saved"
         self.progress = progress
         self.plain_config = plain_config(config)
         rt, data, model = self.tc.runtime, self.tc.data, self.tc.model
@@ -165,17 +185,17 @@ class _Loop:
         )
         if improved:
             self.state.best = value
-            name = self.manager.save_best(self._checkpoint())
+            name = self.saver.save_best(self._checkpoint())
             if name is not None:
-                self.progress.line(f"saved {self.manager.store.url}/{name.filename}")
+                self.progress.line(f"{self.saved} {self.manager.store.url}/{name.filename}")
         elif not math.isfinite(value):
             self.progress.line(f"warning: {ck.metric} is {value} at iter {i}; it never counts as an improvement")
         return metrics
 
     def _save_last(self) -> None:
-        name = self.manager.save_last(self._checkpoint())
+        name = self.saver.save_last(self._checkpoint())
         if name is not None:
-            self.progress.line(f"saved {self.manager.store.url}/{name.filename}")
+            self.progress.line(f"{self.saved} {self.manager.store.url}/{name.filename}")
 
     def _checkpoint(self) -> Checkpoint:
         return self.state.to_checkpoint(self.plain_config, self.splits)
