@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ml_playground.checkpoint import FileOps
 
-OPERATIONS = ("open", "write", "fsync", "close", "replace", "fsync_dir", "unlink")
+OPERATIONS = ("open", "write", "start_writeback", "fsync", "close", "replace", "fsync_dir", "unlink")
 ERRNOS = {"ENOSPC": errno.ENOSPC, "EIO": errno.EIO, "EXDEV": errno.EXDEV}
 
 
@@ -45,6 +45,11 @@ class FaultyOps(FileOps):
         if self._enter("write"):
             raise self._fail()
         return super().write(fd, data)
+
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        if self._enter("start_writeback"):
+            raise self._fail()
+        super().start_writeback(fd, offset, length)
 
     def fsync(self, fd: int) -> None:
         if self._enter("fsync"):

@@ -86,3 +86,18 @@ def test_the_save_after_a_failed_one_succeeds(run: Path) -> None:
     names, problems = audit_all_load(run)
     assert problems == []
     assert [n.filename for n in names] == ["ckpt_last_00000002.pt", "ckpt_last_00000001.pt"]
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_a_failed_early_writeback_fails_the_save_cleanly(run: Path, nth: int) -> None:
+    # start_writeback (sync_file_range) runs once per 16 MiB written: a 40 MiB object calls it twice.
+    ops = FaultyOps("start_writeback", nth, errno.EIO)
+    store = LocalStore(run, file_ops=ops)
+    with pytest.raises(StorageError, match="ckpt_last_00000002.pt"), store.write("ckpt_last_00000002.pt") as stream:
+        for _ in range(40):
+            stream.write(bytes(1 << 20))
+    assert ops.fired
+    assert not (run / "ckpt_last_00000002.pt").exists()
+    assert temporaries(run) == []
+    _, problems = audit_all_load(run)
+    assert problems == []

@@ -28,7 +28,11 @@ import pytest
 from ml_playground.checkpoint import Checkpoint, CheckpointManager, CheckpointName, FileOps, KeepPolicy, LocalStore
 from tests.faults._support import audit_all_load, big_checkpoint, expected_kept, temporaries
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # Python >= 3.12 warns when forking a process with threads; the child here touches none of them.
+    pytest.mark.filterwarnings(r"ignore:.*use of fork\(\) may lead to deadlocks:DeprecationWarning"),
+]
 
 KILLS_PER_POLICY = 110
 STAGES = {

@@ -19,6 +19,9 @@ from ml_playground.checkpoint._lease import LEASE_NAME
 from ml_playground.errors import CheckpointError, LocationLockedError
 from tests.conftest import make_checkpoint
 
+# Python >= 3.12 warns when forking a process with threads; the children here touch none of them.
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*use of fork\(\) may lead to deadlocks:DeprecationWarning")
+
 
 def _manager(run: Path) -> CheckpointManager:
     return CheckpointManager(LocalStore(run, create=True), KeepPolicy(last=2, best=1))

@@ -28,7 +28,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 import xxhash
@@ -77,8 +77,41 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes]) -> None:
         "rng_state": dict(checkpoint.rng_state),
     }
     payload["integrity"] = _integrity(payload)
-    with _crc32_off():
-        torch.save(payload, stream)
+    sink = _ErrorKeepingSink(stream)
+    try:
+        with _crc32_off():
+            torch.save(payload, cast(IO[bytes], sink))  # torch only calls write() and flush()
+    except BaseException as exc:
+        if sink.error is not None and sink.error is not exc:
+            raise sink.error from None  # torch.save reports it as RuntimeError("unexpected pos ...")
+        raise
+    if sink.error is not None:
+        raise sink.error
+
+
+class _ErrorKeepingSink:
+    """Passes writes through, and keeps the first exception a write raised.
+
+    ``torch.save`` turns an exception raised by ``write`` (a full disk, a failed upload, even
+    KeyboardInterrupt) into ``RuntimeError("unexpected pos ...")``; the store's own error, which
+    names the path or URL and the cause, is what the caller must see.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self.error: BaseException | None = None
+
+    def write(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        try:
+            return self._stream.write(data)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 @contextlib.contextmanager

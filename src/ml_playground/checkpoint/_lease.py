@@ -39,7 +39,7 @@ from types import TracebackType
 
 from ml_playground.errors import CheckpointError, LocationLockedError, StorageError
 
-__all__ = ["LEASE_NAME", "LeaseHolder", "WriterLease"]
+__all__ = ["DEFAULT_TTL", "LEASE_NAME", "LeaseHolder", "WriterLease", "process_alive"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class WriterLease:
     def _holder_state(self, holder: LeaseHolder) -> tuple[bool, str]:
         """Whether ``holder`` may still be writing, and why we think so."""
         if holder.host == self.holder.host:
-            if not _process_alive(holder.pid, holder.process_start):
+            if not process_alive(holder.pid, holder.process_start):
                 return False, "its process is gone"
             return True, "its process is alive"
         try:
@@ -242,7 +242,8 @@ def _process_start(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
 
 
-def _process_alive(pid: int, start: int | None) -> bool:
+def process_alive(pid: int, start: int | None) -> bool:
+    """Whether process ``pid`` (started at ``start`` ticks, when known) still runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 
@@ -27,11 +27,15 @@ from ml_playground.errors import (
     CheckpointSchemaError,
 )
 
+if TYPE_CHECKING:
+    from ml_playground.checkpoint._lease_s3 import S3WriterLease
+
 __all__ = ["CheckpointInfo", "CheckpointManager", "MetricMode", "improves"]
 
 logger = logging.getLogger(__name__)
 
 MetricMode = Literal["min", "max"]
+Lease = Union[WriterLease, "S3WriterLease"]
 MapLocation = torch.device | str | None
 
 
@@ -80,21 +84,28 @@ class CheckpointManager:
         self.store = store
         self.keep = keep or KeepPolicy()
         self.mode: MetricMode = mode
-        self.lease: WriterLease | None = None
+        self.lease: Lease | None = None
 
-    def acquire_writer(self, *, force: bool = False, ttl: float = DEFAULT_TTL) -> WriterLease:
+    def acquire_writer(self, *, force: bool = False, ttl: float = DEFAULT_TTL) -> Lease:
         """Take the writer lease of this run location; from then on every save and rotation checks it.
 
         Another live writer raises LocationLockedError naming it; a dead one's lease is taken over.
         ``force=True`` takes over a live writer's lease (an explicit user action). Use the returned
         lease as a context manager (or call ``release()``) when the run ends.
         """
-        if not isinstance(self.store, LocalStore):
+        lease: Lease
+        if isinstance(self.store, LocalStore):
+            lease = WriterLease(self.store.path, force=force, ttl=ttl)
+        elif self.store.url.startswith("s3://") and hasattr(self.store, "filesystem"):
+            from ml_playground.checkpoint._lease_s3 import S3WriterLease
+
+            lease = S3WriterLease(self.store.filesystem, self.store.url, force=force, ttl=ttl)
+        else:
             raise CheckpointError(
-                f"writer leases are implemented for local run locations only; {self.store.url} has none yet"
+                f"writer leases exist for local directories and s3:// locations; {self.store.url} has none yet"
             )
-        self.lease = WriterLease(self.store.path, force=force, ttl=ttl)
-        return self.lease
+        self.lease = lease
+        return lease
 
     # ------------------------------------------------------------ discovery
 

@@ -1,0 +1,188 @@
+"""The writer lease on S3: an object written with conditional puts, kept alive by heartbeats.
+
+``<prefix>/.ml_playground.lease`` holds the holder (as on local disk) plus ``expires_at``.
+
+- acquire: ``PutObject`` with ``If-None-Match: *``. If it exists, read it with its ETag; a lease whose
+  ``expires_at`` has passed (or whose holder was a process on this host that is gone) is taken over
+  with ``PutObject`` ``If-Match: <that ETag>``, so of two restarted jobs only one can win; a live
+  one raises LocationLockedError unless ``force=True``. A holder on this host whose process is alive
+  is live whatever its expiry says (its heartbeat may have met a network fault).
+- heartbeat: every ``ttl / 4`` a ``PutObject`` ``If-Match: <our ETag>`` with a new ``expires_at``; a
+  412 means it was taken over, and the next :meth:`check` says so.
+- release: ``DeleteObject`` ``If-Match: <our ETag>``: a lease taken over by another is left alone.
+
+A writer that died (SIGKILL, preemption, lost node) blocks its restart for at most ``ttl`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict
+from types import TracebackType
+from typing import Any
+
+from fsspec.asyn import sync
+
+from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, LeaseHolder, process_alive
+from ml_playground.checkpoint.stores._translate import error_code, translate
+from ml_playground.errors import CheckpointError, LocationLockedError
+
+__all__ = ["S3WriterLease"]
+
+logger = logging.getLogger(__name__)
+
+_CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+class S3WriterLease:
+    """The writer lease of the S3 run location ``url`` (``s3://bucket/prefix``) on filesystem ``fs``."""
+
+    def __init__(self, fs: Any, url: str, *, force: bool = False, ttl: float = DEFAULT_TTL) -> None:
+        if ttl <= 0:
+            raise ValueError(f"ttl must be > 0, got {ttl!r}")
+        self._fs = fs
+        self.location = url
+        self.ttl = ttl
+        self.holder = LeaseHolder.for_this_process()
+        bucket, _, prefix = url.partition("://")[2].partition("/")
+        self._bucket, self._key = bucket, f"{prefix}/{LEASE_NAME}" if prefix else LEASE_NAME
+        self._lease_url = f"{url}/{LEASE_NAME}"
+        self._etag: str | None = None
+        self._lost = False
+        self._stop = threading.Event()
+        self._acquire(force)
+        self._heartbeat = threading.Thread(target=self._beat, name=f"lease-heartbeat {url}", daemon=True)
+        self._heartbeat.start()
+
+    # ------------------------------------------------------------ public
+
+    def check(self) -> None:
+        """Raise LocationLockedError unless this writer still holds the lease."""
+        current = self._get()
+        if self._lost or current is None or current[0].get("token") != self.holder.token:
+            by = f" by {_describe(current[0])}" if current is not None else ""
+            raise LocationLockedError(
+                f"the writer lease on {self.location} was taken over{by}; this writer "
+                f"({self.holder.describe()}) must stop so the two do not interleave saves"
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=10)
+        if self._etag is not None and not self._lost:
+            with contextlib.suppress(CheckpointError, _Conflict):  # taken over meanwhile: not ours to delete
+                self._call("releasing the writer lease", "delete_object", IfMatch=self._etag)
+        self._etag = None
+
+    def __enter__(self) -> S3WriterLease:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    # ------------------------------------------------------------ protocol
+
+    def _acquire(self, force: bool) -> None:
+        try:
+            self._etag = self._put(IfNoneMatch="*")
+            return
+        except _Conflict:
+            pass
+        current = self._get()
+        if current is None:  # released meanwhile: try once more, as a fresh lease
+            try:
+                self._etag = self._put(IfNoneMatch="*")
+                return
+            except _Conflict:
+                raise self._locked("another writer took it at the same moment") from None
+        record, etag = current
+        alive, why = self._holder_state(record)
+        if alive and not force:
+            raise self._locked(why, record)
+        logger.warning("taking over the writer lease on %s from %s (%s)", self.location, _describe(record), why)
+        try:
+            self._etag = self._put(IfMatch=etag)
+        except _Conflict:
+            raise self._locked("another writer took it over at the same moment") from None
+
+    def _holder_state(self, record: dict[str, Any]) -> tuple[bool, str]:
+        pid = record.get("pid")
+        if record.get("host") == self.holder.host and isinstance(pid, int):
+            if process_alive(pid, record.get("process_start")):
+                return True, "its process on this host is alive"
+            return False, "its process on this host is gone"
+        left = float(record.get("expires_at", 0)) - time.time()
+        if left <= 0:
+            return False, f"it expired {-left:.0f} s ago without a heartbeat"
+        return True, f"it expires in {left:.0f} s unless its holder's heartbeat renews it"
+
+    def _locked(self, why: str, record: dict[str, Any] | None = None) -> LocationLockedError:
+        holder = f" ({_describe(record)}; {why})" if record is not None else f" ({why})"
+        return LocationLockedError(
+            f"{self.location} is being written by another job{holder}. Stop that job, or, if you are "
+            "sure it no longer writes, take the lease over explicitly (force=True)."
+        )
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self._etag = self._put(IfMatch=self._etag or "")
+            except _Conflict:
+                self._lost = True
+                return
+            except CheckpointError as exc:  # transient: the next beat retries before the lease expires
+                logger.warning("writer lease heartbeat on %s failed: %s", self.location, exc)
+
+    # ------------------------------------------------------------ S3 calls
+
+    def _put(self, **condition: str) -> str:
+        record = {**asdict(self.holder), "expires_at": time.time() + self.ttl}
+        body = json.dumps(record, sort_keys=True).encode()
+        response = self._call("writing the writer lease", "put_object", Body=body, **condition)
+        return str(response["ETag"])
+
+    def _get(self) -> tuple[dict[str, Any], str] | None:
+        async def fetch() -> tuple[bytes, str]:
+            response = await self._fs._call_s3("get_object", Bucket=self._bucket, Key=self._key)
+            async with response["Body"] as body:
+                return await body.read(), str(response["ETag"])
+
+        try:
+            data, etag = sync(self._fs.loop, fetch)
+        except Exception as exc:
+            if error_code(exc) in _MISSING or isinstance(exc, FileNotFoundError):
+                return None
+            raise translate(exc, "reading the writer lease", self._lease_url) from None
+        try:
+            record = json.loads(data)
+        except ValueError:
+            raise CheckpointError(
+                f"{self._lease_url} is not a writer lease this package wrote; remove it if no job writes here"
+            ) from None
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{self._lease_url} is not a writer lease this package wrote")
+        return record, etag
+
+    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+        try:
+            return self._fs.call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
+        except Exception as exc:
+            if error_code(exc) in _CONFLICT:
+                raise _Conflict from None
+            raise translate(exc, what, self._lease_url) from None
+
+
+class _Conflict(Exception):
+    """A conditional request lost: the lease is not what we thought."""
+
+
+def _describe(record: dict[str, Any]) -> str:
+    return f"pid {record.get('pid')} on host {record.get('host')}, since {record.get('acquired_at')}"
