@@ -214,7 +214,23 @@ def _ours(ctx: Context) -> CheckpointManager:
 
 def setup_ours_load(ctx: Context) -> tuple[Body, Callable[[], None]]:
     manager = _ours(ctx)
-    return _load(ctx, lambda: manager.load(OURS_NAME))
+    verify_s = [0.0]
+    original = _codec._verify_integrity
+
+    def timed_verify(payload: Any, source: str) -> None:
+        start = time.perf_counter()
+        try:
+            original(payload, source)
+        finally:
+            verify_s[0] += time.perf_counter() - start
+
+    _codec._verify_integrity = timed_verify  # type: ignore[assignment]
+    body, cleanup = _load(ctx, lambda: (verify_s.__setitem__(0, 0.0), manager.load(OURS_NAME))[1])
+
+    def with_verify_time(phase: Phase) -> dict[str, Any]:
+        return {**body(phase), "verify_s": verify_s[0]}
+
+    return with_verify_time, cleanup
 
 
 def setup_ours_load_mmap(ctx: Context) -> tuple[Body, Callable[[], None]]:

@@ -282,6 +282,8 @@ def render(data: dict[str, Any]) -> str:
                 parts = {key: med([it["marks"][key] for it in its]) for key in its[0]["marks"]}
                 if "checksum_s" in its[0]:
                     parts["checksums"] = med([it["checksum_s"] for it in its])
+                if "verify_s" in its[0]:
+                    parts["verify"] = med([it["verify_s"] for it in its])
                 breakdown = ", ".join(f"{key} {value:.3f}" for key, value in parts.items())
                 spread = f"{min(walls):.2f}..{max(walls):.2f}"
                 out.append(
