@@ -15,6 +15,7 @@ from ml_playground.errors import CheckpointCorruptError, CheckpointError, Config
 from ml_playground.model import GPT, GPTArgs
 from ml_playground.training import train
 from tests.cli_support import assert_same_state, ckpt_names, flip_tensor_byte
+from tests.conftest import make_checkpoint
 
 TINY = {
     "train.model.n_layer": 1,
@@ -192,3 +193,13 @@ def test_a_second_writer_on_the_same_location_is_refused(tmp_path: Path) -> None
     assert ckpt_names(run_dir(tmp_path)) == []
     train(config(tmp_path, max_iters=2))  # released: the next run writes
     assert ckpt_names(run_dir(tmp_path)) != []
+
+
+def test_take_over_is_the_explicit_way_past_a_live_writer(tmp_path: Path) -> None:
+    run_dir(tmp_path).mkdir(parents=True)
+    old = CheckpointManager(LocalStore(run_dir(tmp_path)))
+    with old.acquire_writer():
+        train(config(tmp_path, max_iters=2), take_over=True)
+        assert ckpt_names(run_dir(tmp_path)) != []
+        with pytest.raises(LocationLockedError):  # the writer that lost the lease stops at its next save
+            old.save_last(make_checkpoint(iter_num=99))

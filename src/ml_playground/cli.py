@@ -27,6 +27,7 @@ _TRAIN_EXAMPLES = """examples:
   ml-playground train tiny_chars --set train.runtime.max_iters=800   # resume and train further
   ml-playground train --config my_exp.toml --set train.model.n_layer=4
   ml-playground train --set train.runtime.out_dir=s3://my-bucket/runs/a
+  ml-playground train --take-over      # the previous job is hung on another node: take its run over
 """
 _SAMPLE_EXAMPLES = """examples:
   ml-playground sample                                   # best checkpoint of ./out/tiny_chars
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Formatter,
     )
     _add_experiment_args(train)
+    train.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the run location's writer lease even if another live writer holds it (that writer then "
+        "stops at its next save); without it a second writer is refused",
+    )
     train.set_defaults(func=_cmd_train)
 
     for name, examples, func, what in (
@@ -94,7 +101,7 @@ def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args)
-    result = train(config)
+    result = train(config, take_over=args.take_over)
     if result.nothing_to_do:
         return 0
     val = result.last_metrics.get("val_loss")

@@ -24,7 +24,6 @@ from ml_playground.checkpoint import (
     CheckpointManager,
     CheckpointSaver,
     KeepPolicy,
-    LocalStore,
     improves,
     open_saver,
     open_store,
@@ -51,11 +50,12 @@ class TrainResult:
     checkpoints: list[str]
 
 
-def train(config: ExperimentConfig, *, progress_bar: bool | None = None) -> TrainResult:
+def train(config: ExperimentConfig, *, progress_bar: bool | None = None, take_over: bool = False) -> TrainResult:
     """Train (or resume) the run in ``config.train.runtime.out_dir``; progress is printed as it goes.
 
     A local or ``s3://`` run location is held under the manager's writer lease for the whole run, so a
     second ``train`` on the same location stops with LocationLockedError instead of interleaving saves.
+    ``take_over=True`` takes a live writer's lease (an explicit user action; that writer stops at its next save).
     """
     tc = config.train
     rt = tc.runtime
@@ -69,8 +69,9 @@ def train(config: ExperimentConfig, *, progress_bar: bool | None = None) -> Trai
     splits = load_splits(tc.data.corpus_chars, tc.data.val_fraction, tc.model.block_size)
     store = open_store(rt.out_dir, create=True)
     manager = CheckpointManager(store, KeepPolicy(last=ck.keep.last, best=ck.keep.best), mode=ck.mode)
-    # writer leases exist for local directories and s3:// (CheckpointManager.acquire_writer); others run without
-    lease = manager.acquire_writer() if isinstance(store, LocalStore) or store.url.startswith("s3://") else None
+    lease = manager.acquire_writer(force=take_over) if manager.supports_writer_lease else None
+    if lease is None:
+        print(f"note: {store.url} has no writer lease; never run two trainers on this location at once")
     try:
         return _train(config, splits, manager, device, progress_bar)
     finally:

@@ -86,6 +86,14 @@ class CheckpointManager:
         self.mode: MetricMode = mode
         self.lease: Lease | None = None
 
+    @property
+    def supports_writer_lease(self) -> bool:
+        """Whether this store has a writer lease: local directories and ``s3://`` locations."""
+        return isinstance(self.store, LocalStore) or self._is_s3()
+
+    def _is_s3(self) -> bool:
+        return self.store.url.startswith("s3://") and hasattr(self.store, "filesystem")
+
     def acquire_writer(self, *, force: bool = False, ttl: float = DEFAULT_TTL) -> Lease:
         """Take the writer lease of this run location; from then on every save and rotation checks it.
 
@@ -96,10 +104,10 @@ class CheckpointManager:
         lease: Lease
         if isinstance(self.store, LocalStore):
             lease = WriterLease(self.store.path, force=force, ttl=ttl)
-        elif self.store.url.startswith("s3://") and hasattr(self.store, "filesystem"):
+        elif self._is_s3():
             from ml_playground.checkpoint._lease_s3 import S3WriterLease
 
-            lease = S3WriterLease(self.store.filesystem, self.store.url, force=force, ttl=ttl)
+            lease = S3WriterLease(self.store.filesystem, self.store.url, force=force, ttl=ttl)  # type: ignore[attr-defined]
         else:
             raise CheckpointError(
                 f"writer leases exist for local directories and s3:// locations; {self.store.url} has none yet"
