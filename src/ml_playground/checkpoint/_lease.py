@@ -133,7 +133,7 @@ class WriterLease:
                     raise LocationLockedError(
                         f"{self.location} is being written by another job ({current.describe()}; {why}). "
                         "Stop that job, or, if you are sure it no longer writes, take the lease over "
-                        "explicitly (force=True)."
+                        "explicitly (ml-playground train --take-over; in Python acquire_writer(force=True))."
                     )
                 logger.warning(
                     "taking over the writer lease on %s from %s (%s)",

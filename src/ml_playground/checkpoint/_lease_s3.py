@@ -128,7 +128,8 @@ class S3WriterLease:
         holder = f" ({_describe(record)}; {why})" if record is not None else f" ({why})"
         return LocationLockedError(
             f"{self.location} is being written by another job{holder}. Stop that job, or, if you are "
-            "sure it no longer writes, take the lease over explicitly (force=True)."
+            "sure it no longer writes, take the lease over explicitly (ml-playground train --take-over; "
+            "in Python acquire_writer(force=True))."
         )
 
     def _beat(self) -> None:
