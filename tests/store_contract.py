@@ -24,13 +24,14 @@ class Boom(Exception):
     pass
 
 
-def _write(store: CheckpointStore, name: str, data: bytes, chunk: int = 65536) -> None:
+def write_bytes(store: CheckpointStore, name: str, data: bytes, chunk: int = 65536) -> None:
+    """Save ``data`` under ``name`` through the store's atomic write, in ``chunk``-sized writes."""
     with store.write(name) as stream:
         for start in range(0, len(data), chunk):
             stream.write(data[start : start + chunk])
 
 
-def _read(store: CheckpointStore, name: str) -> bytes:
+def read_bytes(store: CheckpointStore, name: str) -> bytes:
     with store.open(name) as stream:
         return stream.read()
 
@@ -46,12 +47,12 @@ class StoreContract:
         assert store.list() == []
 
     def test_write_then_read_round_trips_bytes(self, store: CheckpointStore) -> None:
-        _write(store, "ckpt_last_00000001.pt", PAYLOAD)
-        assert _read(store, "ckpt_last_00000001.pt") == PAYLOAD
+        write_bytes(store, "ckpt_last_00000001.pt", PAYLOAD)
+        assert read_bytes(store, "ckpt_last_00000001.pt") == PAYLOAD
 
     def test_list_reports_committed_names_and_sizes(self, store: CheckpointStore) -> None:
-        _write(store, "b.pt", b"bb")
-        _write(store, "a.pt", b"a")
+        write_bytes(store, "b.pt", b"bb")
+        write_bytes(store, "a.pt", b"a")
         listed = {obj.name: obj.size for obj in store.list()}
         assert listed == {"a.pt": 1, "b.pt": 2}
 
@@ -68,12 +69,12 @@ class StoreContract:
         assert store.list() == []
 
     def test_failed_write_keeps_earlier_objects_intact(self, store: CheckpointStore) -> None:
-        _write(store, "ckpt_last_00000001.pt", PAYLOAD)
+        write_bytes(store, "ckpt_last_00000001.pt", PAYLOAD)
         with pytest.raises(Boom), store.write("ckpt_last_00000002.pt") as stream:
             stream.write(b"partial")
             raise Boom
         assert [obj.name for obj in store.list()] == ["ckpt_last_00000001.pt"]
-        assert _read(store, "ckpt_last_00000001.pt") == PAYLOAD
+        assert read_bytes(store, "ckpt_last_00000001.pt") == PAYLOAD
 
     def test_object_is_invisible_until_the_write_completes(
         self, store: CheckpointStore, reopen: Callable[[], CheckpointStore]
@@ -83,21 +84,21 @@ class StoreContract:
             stream.write(PAYLOAD)
             assert [obj.name for obj in other.list()] == []
             with pytest.raises(CheckpointNotFoundError):
-                _read(other, "ckpt_last_00000001.pt")
+                read_bytes(other, "ckpt_last_00000001.pt")
         assert [obj.name for obj in other.list()] == ["ckpt_last_00000001.pt"]
 
     def test_existing_name_is_never_overwritten(self, store: CheckpointStore) -> None:
-        _write(store, "ckpt_last_00000001.pt", PAYLOAD)
+        write_bytes(store, "ckpt_last_00000001.pt", PAYLOAD)
         with pytest.raises(CheckpointExistsError):
-            _write(store, "ckpt_last_00000001.pt", b"other")
-        assert _read(store, "ckpt_last_00000001.pt") == PAYLOAD
+            write_bytes(store, "ckpt_last_00000001.pt", b"other")
+        assert read_bytes(store, "ckpt_last_00000001.pt") == PAYLOAD
 
     def test_open_missing_raises_not_found_naming_it(self, store: CheckpointStore) -> None:
         with pytest.raises(CheckpointNotFoundError, match="ckpt_last_00000009.pt"):
-            _read(store, "ckpt_last_00000009.pt")
+            read_bytes(store, "ckpt_last_00000009.pt")
 
     def test_delete_removes_and_missing_delete_raises(self, store: CheckpointStore) -> None:
-        _write(store, "x.pt", b"x")
+        write_bytes(store, "x.pt", b"x")
         store.delete("x.pt")
         assert store.list() == []
         with pytest.raises(CheckpointNotFoundError):
@@ -108,13 +109,13 @@ class StoreContract:
     ) -> None:
         other = reopen()
         assert other.list() == []
-        _write(store, "a.pt", b"a")
+        write_bytes(store, "a.pt", b"a")
         assert [obj.name for obj in other.list()] == ["a.pt"]
         store.delete("a.pt")
         assert other.list() == []
 
     def test_open_stream_is_seekable(self, store: CheckpointStore) -> None:
-        _write(store, "a.pt", PAYLOAD)
+        write_bytes(store, "a.pt", PAYLOAD)
         with store.open("a.pt") as stream:
             stream.seek(1000)
             assert stream.read(10) == PAYLOAD[1000:1010]
@@ -122,8 +123,8 @@ class StoreContract:
             assert stream.tell() == len(PAYLOAD)
 
     def test_empty_object_round_trips(self, store: CheckpointStore) -> None:
-        _write(store, "empty.pt", b"")
-        assert _read(store, "empty.pt") == b""
+        write_bytes(store, "empty.pt", b"")
+        assert read_bytes(store, "empty.pt") == b""
 
     def test_temporaries_are_never_listed(self, store: CheckpointStore) -> None:
         with store.write("a.pt") as stream:

@@ -18,6 +18,8 @@ from ml_playground.checkpoint import CheckpointStore, open_store
 from ml_playground.checkpoint.stores import FsspecStore
 from ml_playground.errors import CheckpointError, CheckpointExistsError, StorageError
 from tests.servers import MotoServer, S3LocationFactory
+from tests.store_contract import Boom, write_bytes
+from tests.store_contract import read_bytes as _read
 from tests.tcp_proxy import CuttingProxy
 
 pytestmark = pytest.mark.s3
@@ -29,19 +31,8 @@ NEW = "ckpt_last_00000002.pt"
 OLD = "ckpt_last_00000001.pt"
 
 
-class Boom(Exception):
-    pass
-
-
-def _write(store: CheckpointStore, name: str, data: bytes, chunk: int = 1_000_003) -> None:
-    with store.write(name) as stream:
-        for start in range(0, len(data), chunk):
-            stream.write(data[start : start + chunk])
-
-
-def _read(store: CheckpointStore, name: str) -> bytes:
-    with store.open(name) as stream:
-        return stream.read()
+def _write(store: CheckpointStore, name: str, data: bytes) -> None:
+    write_bytes(store, name, data, chunk=1_000_003)  # an odd chunk size: writes straddle part boundaries
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from ml_playground.checkpoint.stores._s3_upload import WRITE_ID_KEY
 from ml_playground.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, StorageError
 from ml_playground.locations import RemoteLocation
 from tests.servers import S3LocationFactory
+from tests.store_contract import read_bytes as _read
+from tests.store_contract import write_bytes
 
 pytestmark = pytest.mark.s3
 
@@ -22,15 +24,8 @@ MIB = 2**20
 DATA = os.urandom(12 * MIB + 777)
 
 
-def _write(store: CheckpointStore, name: str, data: bytes, chunk: int = 999_983) -> None:
-    with store.write(name) as stream:
-        for start in range(0, len(data), chunk):
-            stream.write(data[start : start + chunk])
-
-
-def _read(store: CheckpointStore, name: str) -> bytes:
-    with store.open(name) as stream:
-        return stream.read()
+def _write(store: CheckpointStore, name: str, data: bytes) -> None:
+    write_bytes(store, name, data, chunk=999_983)  # an odd chunk size: writes straddle part boundaries
 
 
 @pytest.fixture
@@ -213,7 +208,7 @@ def test_parts_in_flight_and_memory_stay_bounded(s3_location: S3LocationFactory)
     data = DATA + DATA + DATA  # 36 MiB: eight parts
     tracemalloc.start()
     try:
-        _write(store, "big.pt", data, chunk=MIB)
+        write_bytes(store, "big.pt", data, chunk=MIB)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
