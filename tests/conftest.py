@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,22 @@ def assert_same_checkpoint(a: Checkpoint, b: Checkpoint) -> None:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture
+def ctrl_c_enabled() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in this test even when the runner was started with SIGINT ignored.
+
+    A shell starts background jobs (and so a CI script's pytest, possibly) with SIGINT ignored; Python
+    then installs no handler and ``_thread.interrupt_main()`` does nothing.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def with_default_sigint() -> None:
+    """``preexec_fn`` for a child that must see Ctrl-C: undo an inherited SIG_IGN before Python starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -22,6 +22,7 @@ from tests.cli_support import (
     run_main,
     sets,
 )
+from tests.conftest import with_default_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +74,19 @@ def test_ctrl_c_exits_130_leaves_only_whole_checkpoints_and_the_run_resumes(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=with_default_sigint,  # a user's Ctrl-C, even if this runner ignores SIGINT
     )
-    deadline = time.monotonic() + 60
-    while not (run / "ckpt_last_00000000.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # inside the training steps
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "ckpt_last_00000000.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # inside the training steps
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err
     assert "interrupted" in err

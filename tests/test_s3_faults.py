@@ -197,6 +197,7 @@ def test_someone_elses_object_is_not_mistaken_for_ours(store: FsspecStore, s3_ad
     assert s3_admin.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
 
+@pytest.mark.usefixtures("ctrl_c_enabled")
 def test_ctrl_c_while_parts_are_in_flight_aborts_everything(
     store: FsspecStore, check_clean: Callable[[CheckpointStore], None]
 ) -> None:
