@@ -139,3 +139,24 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(capsys: py
     out, err = capsys.readouterr()
     assert "eval at iter 5" in out
     assert "5/10" in err
+
+
+def test_remote_reads_draw_a_byte_bar_and_load_unchanged() -> None:
+    import io as _io
+
+    from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
+    from ml_playground.config_loader import parse_location
+    from ml_playground.progress import DownloadProgress
+    from tests.conftest import assert_same_checkpoint, make_checkpoint
+
+    location = parse_location("memory://download-progress/run", base_dir=Path.cwd())
+    writer = CheckpointManager(open_store(location, create=True), KeepPolicy(last=1, best=0))
+    original = make_checkpoint(iter_num=4, width=64)
+    writer.save_last(original)
+    bar = _io.StringIO()
+    reader = CheckpointManager(DownloadProgress(open_store(location), min_bytes=1, file=bar))
+    assert_same_checkpoint(reader.load("ckpt_last_00000004.pt"), original)
+    assert "reading ckpt_last_00000004.pt" in bar.getvalue()
+    assert "B/s" in bar.getvalue()  # a byte bar, sized to the object
+    with pytest.raises(TypeError, match="read-only"):
+        reader.save_last(make_checkpoint(iter_num=5))

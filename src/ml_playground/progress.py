@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import TextIO
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import IO, Any, TextIO
 
 from tqdm import tqdm
 
-__all__ = ["Progress"]
+from ml_playground.checkpoint import CheckpointStore, StoredObject
+
+__all__ = ["DownloadProgress", "Progress"]
 
 
 class Progress:
@@ -38,3 +43,70 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class DownloadProgress:
+    """A read-only view of a store whose reads of large objects draw a byte-count bar on stderr.
+
+    Used for remote loads (``sample``/``eval`` from a URL): a terminal user sees a multi-MB download move.
+    """
+
+    def __init__(self, store: CheckpointStore, *, min_bytes: int = 8 << 20, file: TextIO | None = None) -> None:
+        self._store = store
+        self._min_bytes = min_bytes
+        self._file = file or sys.stderr
+
+    @property
+    def url(self) -> str:
+        return self._store.url
+
+    def list(self) -> list[StoredObject]:
+        return self._store.list()
+
+    def write(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        raise TypeError(f"{self.url} is opened read-only here; {name} cannot be written")
+
+    def delete(self, name: str) -> None:
+        raise TypeError(f"{self.url} is opened read-only here; {name} cannot be deleted")
+
+    @contextlib.contextmanager
+    def open(self, name: str) -> Iterator[IO[bytes]]:
+        size = next((obj.size for obj in self._store.list() if obj.name == name), 0)
+        with self._store.open(name) as stream:
+            if size < self._min_bytes:
+                yield stream
+                return
+            with tqdm(
+                total=size, unit="B", unit_scale=True, desc=f"reading {name}", leave=False, file=self._file
+            ) as bar:
+                yield _CountingReader(stream, bar)  # type: ignore[misc]
+
+
+class _CountingReader:
+    """Forwards a seekable binary stream, counting the bytes read onto a bar."""
+
+    def __init__(self, stream: IO[bytes], bar: tqdm) -> None:
+        self._stream = stream
+        self._bar = bar
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._bar.update(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._stream.readinto(buffer)  # type: ignore[attr-defined]
+        self._bar.update(count or 0)
+        return int(count or 0)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True

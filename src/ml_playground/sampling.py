@@ -6,18 +6,20 @@ Neither needs the config that trained the run, nor any data file: the vocabulary
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from ml_playground.checkpoint import Checkpoint, CheckpointManager, open_store
+from ml_playground.checkpoint import Checkpoint, CheckpointManager, CheckpointStore, open_store
 from ml_playground.config import SamplingConfig
 from ml_playground.data import fixed_batches, splits_for_checkpoint, tokenizer_for_checkpoint
 from ml_playground.errors import CheckpointNotFoundError, CheckpointSchemaError
-from ml_playground.locations import Location
+from ml_playground.locations import Location, RemoteLocation
 from ml_playground.model import GPT, GPTArgs
+from ml_playground.progress import DownloadProgress
 from ml_playground.train_state import estimate_loss
 
 __all__ = [
@@ -45,7 +47,10 @@ def load_checkpoint(
     location: Location, *, name: str | None = None, policy: Literal["latest", "best"] = "best"
 ) -> tuple[Checkpoint, str]:
     """Read one checkpoint: ``name`` in ``location``, or the one ``policy`` picks; returns it and its URL."""
-    manager = CheckpointManager(open_store(location))
+    store: CheckpointStore = open_store(location)
+    if isinstance(location, RemoteLocation) and sys.stderr.isatty():
+        store = DownloadProgress(store)
+    manager = CheckpointManager(store)
     if name is None:
         try:
             name = manager.choose(policy).filename
