@@ -18,7 +18,7 @@ from ml_playground.checkpoint._codec import verify as verify_source
 from ml_playground.checkpoint._lease import DEFAULT_TTL, WriterLease
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, format_metric, is_checkpoint_like
 from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
-from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore
+from ml_playground.checkpoint._store import CheckpointStore, LocalCopyStore, LocalPathStore
 from ml_playground.checkpoint.stores._local import LocalStore
 from ml_playground.errors import (
     CheckpointError,
@@ -284,8 +284,15 @@ class CheckpointManager:
         elif mmap:
             raise CheckpointError(f"{self.store.url} is not a local location; mmap loading needs local files")
         else:
-            with self.store.open(filename) as stream:
-                yield stream
+            # A remote store's local copy (concurrent ranged GETs, deleted after the load) beats
+            # torch.load over a remote stream; the tensors are still read into anonymous memory.
+            with contextlib.ExitStack() as stack:
+                copy = (
+                    stack.enter_context(self.store.local_copy(filename))
+                    if isinstance(self.store, LocalCopyStore)
+                    else None
+                )
+                yield copy if copy is not None else stack.enter_context(self.store.open(filename))
 
     def load_latest(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
         return self._load_chosen(self.latest(), "any", map_location, verify, mmap)
