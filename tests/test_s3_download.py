@@ -87,3 +87,20 @@ def test_a_failing_range_raises_storage_error_and_leaves_no_temporary_file(
     with pytest.raises(StorageError, match=f"{filename}.*injected GetObject fault"):
         manager.load(filename)
     assert list(temp_dir.glob("ml_playground-load-*")) == []
+
+
+def test_an_object_replaced_during_the_load_fails_instead_of_mixing_bytes(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str, temp_dir: Path
+) -> None:
+    manager, filename, _ = _saved(s3_location)
+
+    def replace_once(**_: Any) -> None:
+        if not replaced:
+            replaced.append(True)
+            s3_admin.put_object(Bucket=s3_bucket, Key=f"run/{filename}", Body=b"not the checkpoint")
+
+    replaced: list[bool] = []
+    manager.store.filesystem.connect().meta.events.register("before-call.s3.GetObject", replace_once)  # type: ignore[attr-defined]
+    with pytest.raises(StorageError, match=f"{filename} was replaced while being loaded"):
+        manager.load(filename)
+    assert list(temp_dir.glob("ml_playground-load-*")) == []

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ml_playground.checkpoint.stores._translate import translate, translated
+from ml_playground.checkpoint.stores._translate import error_code, translate, translated
 from ml_playground.errors import CheckpointError, StorageError
 
 __all__ = ["downloaded"]
@@ -41,7 +41,8 @@ def downloaded(fs: Any, url: str, *, range_size: int, max_concurrency: int) -> I
     """
     bucket, _, key = url.partition("://")[2].partition("/")
     with translated("loading", url):
-        size = int(fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
+        head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+    size, etag = int(head["ContentLength"]), str(head["ETag"])
     directory = tempfile.gettempdir()
     free = shutil.disk_usage(directory).free
     if free < size + _SPARE:
@@ -55,18 +56,27 @@ def downloaded(fs: Any, url: str, *, range_size: int, max_concurrency: int) -> I
             os.truncate(fd, size)
         finally:
             os.close(fd)
-        _fetch_all(fs, url, bucket, key, size, path, range_size, max_concurrency)
+        _fetch_all(fs, url, (bucket, key, etag), size, path, range_size, max_concurrency)
         yield path
     finally:
         path.unlink(missing_ok=True)
 
 
 def _fetch_all(
-    fs: Any, url: str, bucket: str, key: str, size: int, path: Path, range_size: int, concurrency: int
+    fs: Any, url: str, object_id: tuple[str, str, str], size: int, path: Path, range_size: int, concurrency: int
 ) -> None:
+    bucket, key, etag = object_id
+
     async def fetch(gate: asyncio.Semaphore, start: int, end: int) -> None:
         async with gate:
-            response = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+            try:  # If-Match: an object replaced meanwhile fails instead of mixing two objects' bytes
+                response = await fs._call_s3(
+                    "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag
+                )
+            except Exception as exc:
+                if error_code(exc) in ("PreconditionFailed", "412"):
+                    raise StorageError(f"{url} was replaced while being loaded; load it again") from None
+                raise
             offset = start
             # Each range writes through its own descriptor: one left running after the caller gave up
             # (Ctrl-C) then writes only into the already deleted file, never into a reused descriptor.
