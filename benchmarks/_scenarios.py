@@ -309,6 +309,9 @@ def setup_s3_raw_cat(ctx: Context) -> tuple[Body, Callable[[], None]]:
 def setup_ours_s3_save(ctx: Context) -> tuple[Body, Callable[[], None]]:
     checkpoint = build_checkpoint(ctx.size_mb)
     manager = _s3_manager(ctx, create=True)
+    # As training does: the writer lease held, so a save after the first one lists nothing (target 6).
+    # A long ttl keeps heartbeat PutObjects out of the counted phases.
+    manager.acquire_writer(ttl=3600)
     counts = _count_requests(manager)
 
     def body(phase: Phase) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Hypothesis state machine: random save_last / save_best / reopen / load sequences keep the invariants."""
+"""Hypothesis state machine: random save_last / save_best / reopen / load / lease sequences keep the invariants.
+
+With the writer lease held the manager works from its own view of the location instead of a fresh
+listing; the invariants below always check against a fresh listing.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,13 @@ import tempfile
 from pathlib import Path
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from ml_playground.checkpoint import CheckpointKind, CheckpointManager, KeepPolicy, LocalStore
+from ml_playground.checkpoint._lease import WriterLease
+from ml_playground.errors import CheckpointError
 from tests.conftest import make_checkpoint
 
 _METRICS = st.sampled_from([0.5, 1.0, 1.25, 2.0, 3.5])
@@ -26,13 +33,34 @@ class ManagerMachine(RuleBasedStateMachine):
         self.saved = {CheckpointKind.LAST: 0, CheckpointKind.BEST: 0}
         self.best_metrics: list[tuple[float, int]] = []
         self.newest_saved: int | None = None
+        self.lease: WriterLease | None = None
         self._open()
 
     def _open(self) -> None:
+        self._release()
         self.manager = CheckpointManager(LocalStore(self.dir, create=True), self.keep, self.mode)  # type: ignore[arg-type]
 
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
     def teardown(self) -> None:
+        self._release()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    @precondition(lambda self: self.lease is None)
+    @rule()
+    def acquire_lease(self) -> None:
+        lease = self.manager.acquire_writer()
+        assert isinstance(lease, WriterLease)
+        self.lease = lease
+
+    @precondition(lambda self: self.newest_saved is not None and self.newest_saved > 0 and self.keep.last > 0)
+    @rule()
+    def save_back_in_time_is_refused(self) -> None:
+        with pytest.raises(CheckpointError, match="never goes back in time"):
+            self.manager.save_last(make_checkpoint(iter_num=0))
 
     @rule(step=st.integers(0, 3))
     def save_last(self, step: int) -> None:

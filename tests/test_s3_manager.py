@@ -189,9 +189,13 @@ def test_a_checkpoint_rotated_away_during_torch_load_is_reported_as_such(
 ) -> None:
     location = s3_location()
     writer = _manager(location, last=1, best=0)
-    writer.save_last(make_checkpoint(1, width=1100))  # ~19 MiB: many ranged reads of 1 MiB
+    writer.save_last(make_checkpoint(1, width=1100))  # ~19 MiB: four ranged GETs of 5 MiB, one at a time
     store = FsspecStore(
-        FsspecStore.from_location(location, create=False).filesystem, location.url, read_block_size=2**20
+        FsspecStore.from_location(location, create=False).filesystem,
+        location.url,
+        part_size_mib=5,
+        max_concurrency=1,
+        read_block_size=2**20,
     )
     reader = CheckpointManager(store, KeepPolicy(last=1, best=0))
     gets = [0]

@@ -18,7 +18,7 @@ from ml_playground.checkpoint._codec import verify as verify_source
 from ml_playground.checkpoint._lease import DEFAULT_TTL, WriterLease
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, format_metric, is_checkpoint_like
 from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
-from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore
+from ml_playground.checkpoint._store import CheckpointStore, LocalCopyStore, LocalPathStore
 from ml_playground.checkpoint.stores._local import LocalStore
 from ml_playground.errors import (
     CheckpointError,
@@ -85,6 +85,9 @@ class CheckpointManager:
         self.keep = keep or KeepPolicy()
         self.mode: MetricMode = mode
         self.lease: Lease | None = None
+        # The stored checkpoint names as the lease holder last saw them: (the lease they belong to, names).
+        # Only the holder of a lease is the location's only writer, so only it may skip a fresh listing.
+        self._view: tuple[Lease, set[CheckpointName]] | None = None
 
     @property
     def supports_writer_lease(self) -> bool:
@@ -165,20 +168,21 @@ class CheckpointManager:
         return self._save(CheckpointName.best(checkpoint.iter_num, checkpoint.best_val_loss), checkpoint)
 
     def _save(self, name: CheckpointName, checkpoint: Checkpoint) -> CheckpointName:
-        if self.lease is not None:
-            self.lease.check()
-        existing = self.checkpoints()
-        newest = max((info.iter_num for info in existing), default=-1)
-        if checkpoint.iter_num < newest:
-            raise CheckpointError(
-                f"refusing to save iteration {checkpoint.iter_num} into {self.store.url}, which holds "
-                f"iteration {newest}: a run never goes back in time. Use a new out_dir for a new run."
-            )
-        with self.store.write(name.filename) as stream:
-            encode(checkpoint, stream)
+        with self._forget_view_on_failure():
+            if self.lease is not None:
+                self.lease.check()
+            newest = max((stored.iter_num for stored in self._stored_names()), default=-1)
+            if checkpoint.iter_num < newest:
+                raise CheckpointError(
+                    f"refusing to save iteration {checkpoint.iter_num} into {self.store.url}, which holds "
+                    f"iteration {newest}: a run never goes back in time. Use a new out_dir for a new run."
+                )
+            with self.store.write(name.filename) as stream:
+                encode(checkpoint, stream)
+            self._seen(added=name)
         logger.info("saved %s/%s", self.store.url, name.filename)
         try:
-            self.rotate(protect=name)
+            self._rotate(protect=name)  # the lease was checked just before the write
         except CheckpointError as exc:
             # The save itself succeeded; say so, so nobody retries it or thinks it is lost.
             raise type(exc)(
@@ -188,14 +192,58 @@ class CheckpointManager:
         return name
 
     def rotate(self, protect: CheckpointName | None = None) -> list[CheckpointName]:
-        """Delete what the keep policy does not keep, from a fresh listing; a failed delete raises."""
+        """Delete what the keep policy does not keep; a failed delete raises.
+
+        Without a writer lease it works from a fresh listing. With one, from the manager's own view
+        (one listing after the lease was taken, then its own saves and deletes).
+        """
         if self.lease is not None:
             self.lease.check()
-        doomed = to_delete((info.name for info in self.checkpoints()), self.keep, self.mode, protect)
-        for name in doomed:
-            self.store.delete(name.filename)
-            logger.info("rotated away %s/%s", self.store.url, name.filename)
+        return self._rotate(protect)
+
+    def _rotate(self, protect: CheckpointName | None) -> list[CheckpointName]:
+        with self._forget_view_on_failure():
+            from_view = self.lease is not None
+            doomed = to_delete(self._stored_names(), self.keep, self.mode, protect)
+            for name in doomed:
+                try:
+                    self.store.delete(name.filename)
+                except CheckpointNotFoundError:
+                    if not from_view:
+                        raise  # a fresh listing named it: its disappearance is news worth raising
+                    # Our view named a file someone removed by hand: gone is what rotation wants.
+                    logger.warning("%s/%s was already gone; the next save lists afresh", self.store.url, name.filename)
+                    self._view = None
+                    continue
+                self._seen(removed=name)
+                logger.info("rotated away %s/%s", self.store.url, name.filename)
         return doomed
+
+    def _stored_names(self) -> set[CheckpointName]:
+        """The stored checkpoints' names: listed afresh, unless this manager holds the lease and listed once."""
+        lease = self.lease
+        if lease is None:
+            return {info.name for info in self.checkpoints()}
+        if self._view is None or self._view[0] is not lease:
+            self._view = (lease, {info.name for info in self.checkpoints()})
+        return set(self._view[1])
+
+    def _seen(self, *, added: CheckpointName | None = None, removed: CheckpointName | None = None) -> None:
+        if self._view is None or self._view[0] is not self.lease:
+            return
+        if added is not None:
+            self._view[1].add(added)
+        if removed is not None:
+            self._view[1].discard(removed)
+
+    @contextlib.contextmanager
+    def _forget_view_on_failure(self) -> Iterator[None]:
+        # After any failure the store may hold what the view does not (or not what it does): re-list next time.
+        try:
+            yield
+        except BaseException:
+            self._view = None
+            raise
 
     # ------------------------------------------------------------ loading
 
@@ -236,8 +284,15 @@ class CheckpointManager:
         elif mmap:
             raise CheckpointError(f"{self.store.url} is not a local location; mmap loading needs local files")
         else:
-            with self.store.open(filename) as stream:
-                yield stream
+            # A remote store's local copy (concurrent ranged GETs, deleted after the load) beats
+            # torch.load over a remote stream; the tensors are still read into anonymous memory.
+            with contextlib.ExitStack() as stack:
+                copy = (
+                    stack.enter_context(self.store.local_copy(filename))
+                    if isinstance(self.store, LocalCopyStore)
+                    else None
+                )
+                yield copy if copy is not None else stack.enter_context(self.store.open(filename))
 
     def load_latest(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
         return self._load_chosen(self.latest(), "any", map_location, verify, mmap)

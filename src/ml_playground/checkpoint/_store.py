@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
-__all__ = ["TEMP_PREFIX", "CheckpointStore", "LocalPathStore", "StoredObject"]
+__all__ = ["TEMP_PREFIX", "CheckpointStore", "LocalCopyStore", "LocalPathStore", "StoredObject"]
 
 TEMP_PREFIX = ".ckpt-partial."
 """Prefix of an in-flight save's temporary object; no checkpoint name can start with it."""
@@ -59,4 +59,14 @@ class LocalPathStore(Protocol):
 
     def local_path(self, name: str) -> Path:
         """The file of committed object ``name``; a missing one raises CheckpointNotFoundError."""
+        ...
+
+
+@runtime_checkable
+class LocalCopyStore(Protocol):
+    """An optional capability: a remote store that can fetch an object into a temporary local file."""
+
+    def local_copy(self, name: str) -> AbstractContextManager[Path | None]:
+        """A temporary local copy of committed object ``name``, deleted when the block ends; None where
+        the store prefers to be read as a stream (:meth:`CheckpointStore.open`)."""
         ...

@@ -1,0 +1,76 @@
+"""Memory guard of an S3 load (issue 6, target 4): peak RSS <= 1.2x the checkpoint, measured in a subprocess.
+
+moto runs in its own process (tests/servers.py), so its copies of the object are not the client's.
+The load fetches ranges concurrently into a temporary file and loads it by path: the tensors are the
+only large allocation, and the temporary file is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.servers import S3LocationFactory
+
+pytestmark = [pytest.mark.s3, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
+
+TENSOR_MIB = 96
+
+PROBE = textwrap.dedent(
+    """
+    import gc, json, re, sys
+    from pathlib import Path
+    import torch
+    from ml_playground.checkpoint import Checkpoint, CheckpointManager, KeepPolicy, open_store
+    from ml_playground.locations import RemoteLocation
+
+    def status():
+        text = Path("/proc/self/status").read_text()
+        return {k: int(re.search(rf"^{k}:\\s+(\\d+) kB", text, re.M).group(1)) / 1024 for k in ("VmRSS", "VmHWM")}
+
+    location = RemoteLocation.model_validate_json(sys.argv[1])
+    total, mib = int(sys.argv[2]), 2**20
+    model = {f"w{i}": torch.rand(8 * mib // 4) for i in range(total // 8 // 3)}
+    state = {i: {"exp_avg": torch.rand_like(w), "exp_avg_sq": torch.rand_like(w), "step": torch.tensor(1.0)}
+             for i, w in enumerate(model.values())}
+    checkpoint = Checkpoint(model=model, optimizer={"state": state, "param_groups": [{"params": list(state)}]},
+                            model_args={}, iter_num=1, best_val_loss=1.0)
+    name = CheckpointManager(open_store(location, create=True), KeepPolicy(last=1, best=0)).save_last(checkpoint)
+    del checkpoint, model, state
+    gc.collect()
+    reader = CheckpointManager(open_store(location, create=False))
+    start = status()
+    Path("/proc/self/clear_refs").write_text("5")
+    loaded = reader.load(name.filename)
+    end = status()
+    size = sum(t.numel() * t.element_size() for t in loaded.model.values())
+    print(json.dumps({"peak": end["VmHWM"] - start["VmRSS"], "model_mib": size / mib}))
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_s3_load_peak_is_within_1_2x_of_the_checkpoint(s3_location: S3LocationFactory, tmp_path: Path) -> None:
+    # 16 MiB ranges, 4 in flight: six ranges, so concurrency is exercised
+    location = s3_location(part_size_mib=16, max_concurrency=4)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, location.model_dump_json(), str(TENSOR_MIB)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "TMPDIR": str(temp), "AWS_EC2_METADATA_DISABLED": "true"},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["model_mib"] == pytest.approx(TENSOR_MIB / 3, rel=0.05)  # the load really happened
+    assert result["peak"] <= 1.2 * TENSOR_MIB, result
+    assert list(temp.glob("ml_playground-load-*")) == []  # the temporary copy is deleted after the load
