@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -160,3 +161,23 @@ def test_remote_reads_draw_a_byte_bar_and_load_unchanged() -> None:
     assert "B/s" in bar.getvalue()  # a byte bar, sized to the object
     with pytest.raises(TypeError, match="read-only"):
         reader.save_last(make_checkpoint(iter_num=5))
+
+
+@pytest.mark.s3
+def test_the_download_view_keeps_the_fast_s3_copy_and_announces_it(s3_location: Any) -> None:
+    import io as _io
+
+    from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
+    from ml_playground.progress import DownloadProgress
+    from tests.conftest import assert_same_checkpoint, make_checkpoint
+
+    location = s3_location()
+    original = make_checkpoint(iter_num=6, width=64)
+    CheckpointManager(open_store(location, create=True), KeepPolicy(last=1, best=0)).save_last(original)
+    out = _io.StringIO()
+    view = DownloadProgress(open_store(location), min_bytes=1, file=out)
+    with view.local_copy("ckpt_last_00000006.pt") as path:
+        assert path is not None  # the concurrent ranged-GET copy, not the slow stream
+        assert path.is_file()
+    assert_same_checkpoint(CheckpointManager(view).load("ckpt_last_00000006.pt"), original)
+    assert f"fetching {location.url}/ckpt_last_00000006.pt" in out.getvalue()

@@ -6,11 +6,13 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import IO, Any, TextIO
 
 from tqdm import tqdm
 
 from ml_playground.checkpoint import CheckpointStore, StoredObject
+from ml_playground.checkpoint._store import LocalCopyStore
 
 __all__ = ["DownloadProgress", "Progress"]
 
@@ -70,8 +72,23 @@ class DownloadProgress:
         raise TypeError(f"{self.url} is opened read-only here; {name} cannot be deleted")
 
     @contextlib.contextmanager
+    def local_copy(self, name: str) -> Iterator[Path | None]:
+        """The wrapped store's fast local copy (when it has one), announced on a line of its own."""
+        if not isinstance(self._store, LocalCopyStore):
+            yield None
+            return
+        size = self._size(name)
+        if size >= self._min_bytes:
+            print(f"fetching {self.url}/{name} ({size / 2**20:.1f} MiB) ...", file=self._file, flush=True)
+        with self._store.local_copy(name) as path:
+            yield path
+
+    def _size(self, name: str) -> int:
+        return next((obj.size for obj in self._store.list() if obj.name == name), 0)
+
+    @contextlib.contextmanager
     def open(self, name: str) -> Iterator[IO[bytes]]:
-        size = next((obj.size for obj in self._store.list() if obj.name == name), 0)
+        size = self._size(name)
         with self._store.open(name) as stream:
             if size < self._min_bytes:
                 yield stream
