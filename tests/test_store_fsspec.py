@@ -36,46 +36,34 @@ class ConflictAtCommit:
         assert [obj.name for obj in store.list()] == ["ckpt_last_00000001.pt"]
 
 
-class TestMemoryStoreContract(StoreContract, ConflictAtCommit):
+class RemoteStoreContract(StoreContract, ConflictAtCommit):
+    """The contract on a store opened from a ``location`` fixture; ``reopen`` opens a second handle on it."""
+
+    @pytest.fixture
+    def store(self, location: RemoteLocation) -> CheckpointStore:
+        return open_store(location, create=True)
+
+    @pytest.fixture
+    def reopen(self, location: RemoteLocation) -> Callable[[], CheckpointStore]:
+        return lambda: open_store(location)
+
+
+class TestMemoryStoreContract(RemoteStoreContract):
     @pytest.fixture
     def location(self) -> RemoteLocation:
         return RemoteLocation(scheme="memory", root=f"contract-{secrets.token_hex(6)}/run")
 
-    @pytest.fixture
-    def store(self, location: RemoteLocation) -> CheckpointStore:
-        return open_store(location, create=True)
 
-    @pytest.fixture
-    def reopen(self, location: RemoteLocation) -> Callable[[], CheckpointStore]:
-        return lambda: open_store(location)
-
-
-class TestS3StoreContract(StoreContract, ConflictAtCommit):
+class TestS3StoreContract(RemoteStoreContract):
     @pytest.fixture
     def location(self, s3_location: S3LocationFactory) -> RemoteLocation:
         return s3_location(part_size_mib=5)
 
-    @pytest.fixture
-    def store(self, location: RemoteLocation) -> CheckpointStore:
-        return open_store(location, create=True)
 
-    @pytest.fixture
-    def reopen(self, location: RemoteLocation) -> Callable[[], CheckpointStore]:
-        return lambda: open_store(location)
-
-
-class TestGcsStoreContract(StoreContract, ConflictAtCommit):
+class TestGcsStoreContract(RemoteStoreContract):
     @pytest.fixture
     def location(self, gcs_location: Callable[..., RemoteLocation]) -> RemoteLocation:
         return gcs_location()
-
-    @pytest.fixture
-    def store(self, location: RemoteLocation) -> CheckpointStore:
-        return open_store(location, create=True)
-
-    @pytest.fixture
-    def reopen(self, location: RemoteLocation) -> Callable[[], CheckpointStore]:
-        return lambda: open_store(location)
 
     @pytest.mark.xfail(reason=_GCS_NO_CONDITIONAL_CREATE, strict=True)
     def test_second_writer_of_a_name_is_refused_at_commit(self, store: CheckpointStore) -> None:
