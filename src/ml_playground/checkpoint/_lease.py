@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from ml_playground.errors import CheckpointError, LocationLockedError, StorageError
 
@@ -73,7 +74,37 @@ class LeaseHolder:
         )
 
 
-class WriterLease:
+class Lease:
+    """What every writer lease offers the manager: ``check()`` before writing, ``release()`` at the end.
+
+    A lease is a context manager that releases on exit.
+    """
+
+    holder: LeaseHolder
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def _taken_over(self, location: object, by: str | None) -> LocationLockedError:
+        """The error a writer gets once another writer (described by ``by``) has taken its lease on ``location``."""
+        return LocationLockedError(
+            f"the writer lease on {location} was taken over{f' by {by}' if by else ''}; this writer "
+            f"({self.holder.describe()}) must stop so the two do not interleave saves"
+        )
+
+
+class WriterLease(Lease):
     """The writer lease of one local run location; a context manager that releases on exit.
 
     ``force=True`` takes over a lease even when its holder is alive: an explicit user action (e.g.
@@ -97,11 +128,7 @@ class WriterLease:
         """Raise LocationLockedError unless this writer still holds the lease."""
         current = self._read()
         if current is None or current.token != self.holder.token:
-            by = f" by {current.describe()}" if current is not None else ""
-            raise LocationLockedError(
-                f"the writer lease on {self.location} was taken over{by}; this writer "
-                f"({self.holder.describe()}) must stop so the two do not interleave saves"
-            )
+            raise self._taken_over(self.location, current.describe() if current is not None else None)
 
     def release(self) -> None:
         """Give the lease up (idempotent); a lease taken over by another writer is left to it."""
@@ -113,14 +140,6 @@ class WriterLease:
             if current is not None and current.token == self.holder.token:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path)
-
-    def __enter__(self) -> WriterLease:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
 
     # ------------------------------------------------------------ acquiring
 

@@ -22,12 +22,11 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from types import TracebackType
 from typing import Any
 
 from fsspec.asyn import sync
 
-from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, LeaseHolder, process_alive
+from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, Lease, LeaseHolder, process_alive
 from ml_playground.checkpoint.stores._translate import error_code, translate
 from ml_playground.errors import CheckpointError, LocationLockedError
 
@@ -39,7 +38,7 @@ _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
-class S3WriterLease:
+class S3WriterLease(Lease):
     """The writer lease of the S3 run location ``url`` (``s3://bucket/prefix``) on filesystem ``fs``."""
 
     def __init__(self, fs: Any, url: str, *, force: bool = False, ttl: float = DEFAULT_TTL) -> None:
@@ -65,11 +64,7 @@ class S3WriterLease:
         """Raise LocationLockedError unless this writer still holds the lease."""
         current = self._get()
         if self._lost or current is None or current[0].get("token") != self.holder.token:
-            by = f" by {_describe(current[0])}" if current is not None else ""
-            raise LocationLockedError(
-                f"the writer lease on {self.location} was taken over{by}; this writer "
-                f"({self.holder.describe()}) must stop so the two do not interleave saves"
-            )
+            raise self._taken_over(self.location, _describe(current[0]) if current is not None else None)
 
     def release(self) -> None:
         self._stop.set()
@@ -79,14 +74,6 @@ class S3WriterLease:
             with contextlib.suppress(CheckpointError, _Conflict):  # taken over meanwhile: not ours to delete
                 self._call("releasing the writer lease", "delete_object", IfMatch=self._etag)
         self._etag = None
-
-    def __enter__(self) -> S3WriterLease:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
 
     # ------------------------------------------------------------ protocol
 

@@ -8,14 +8,14 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, Union
+from typing import Literal
 
 import torch
 
 from ml_playground.checkpoint._checkpoint import Checkpoint
 from ml_playground.checkpoint._codec import Source, decode, encode
 from ml_playground.checkpoint._codec import verify as verify_source
-from ml_playground.checkpoint._lease import DEFAULT_TTL, WriterLease
+from ml_playground.checkpoint._lease import DEFAULT_TTL, Lease, WriterLease
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, format_metric, is_checkpoint_like
 from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
 from ml_playground.checkpoint._store import CheckpointStore, LocalCopyStore, LocalPathStore
@@ -27,15 +27,11 @@ from ml_playground.errors import (
     CheckpointSchemaError,
 )
 
-if TYPE_CHECKING:
-    from ml_playground.checkpoint._lease_s3 import S3WriterLease
-
 __all__ = ["CheckpointInfo", "CheckpointManager", "MetricMode", "improves"]
 
 logger = logging.getLogger(__name__)
 
 MetricMode = Literal["min", "max"]
-Lease = Union[WriterLease, "S3WriterLease"]
 MapLocation = torch.device | str | None
 
 
