@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -89,3 +89,20 @@ def expected_kept(seen: Iterable[CheckpointName], keep: KeepPolicy) -> set[Check
     lasts = sorted((n for n in seen if n.kind.value == "last"), key=lambda n: n.iter_num, reverse=True)
     bests = sorted((n for n in seen if n.kind.value == "best"), key=lambda n: (n.metric, -n.iter_num))
     return set(lasts[: keep.last]) | set(bests[: keep.best])
+
+
+def fork_with_pipe(body: Callable[[int], None]) -> tuple[int, int]:
+    """Fork a child (from this process, torch already imported) running ``body(write_fd)``; return
+    (pid, read_fd). The child exits 0 when ``body`` returns, 1 when it raises."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.close(read_fd)
+            body(write_fd)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    return pid, read_fd

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from ml_playground.checkpoint import Checkpoint, CheckpointManager, CheckpointName, FileOps, KeepPolicy, LocalStore
-from tests.faults._support import audit_all_load, big_checkpoint, expected_kept, temporaries
+from tests.faults._support import audit_all_load, big_checkpoint, expected_kept, fork_with_pipe, temporaries
 
 pytestmark = [
     pytest.mark.slow,
@@ -101,18 +101,7 @@ def _child(run: Path, fd: int, checkpoint: Checkpoint, keep: KeepPolicy) -> None
 
 def _fork_saver(run: Path, iter_num: int, keep: KeepPolicy) -> tuple[int, int]:
     checkpoint = big_checkpoint(iter_num)
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            os.close(read_fd)
-            _child(run, write_fd, checkpoint, keep)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    return pid, read_fd
+    return fork_with_pipe(lambda write_fd: _child(run, write_fd, checkpoint, keep))
 
 
 def _read_events(fd: int, want: int, deadline: float) -> bytes:

@@ -18,6 +18,7 @@ from ml_playground.checkpoint import CheckpointManager, KeepPolicy, LocalStore, 
 from ml_playground.checkpoint._lease import LEASE_NAME
 from ml_playground.errors import CheckpointError, LocationLockedError
 from tests.conftest import make_checkpoint
+from tests.faults._support import fork_with_pipe
 
 # Python >= 3.12 warns when forking a process with threads; the children here touch none of them.
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*use of fork\(\) may lead to deadlocks:DeprecationWarning")
@@ -30,17 +31,7 @@ def _manager(run: Path) -> CheckpointManager:
 @contextmanager
 def _child(body: Callable[[int], None]) -> Iterator[tuple[int, int]]:
     """Fork a child running ``body(write_fd)``; yield (pid, read_fd); SIGKILL and reap it at the end."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            os.close(read_fd)
-            body(write_fd)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
+    pid, read_fd = fork_with_pipe(body)
     try:
         yield pid, read_fd
     finally:
