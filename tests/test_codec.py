@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
+import threading
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from ml_playground.checkpoint import FORMAT_VERSION, Checkpoint, decode, encode
-from ml_playground.checkpoint._codec import FORMAT_MAGIC
+from ml_playground.checkpoint._codec import FORMAT_MAGIC, MIGRATIONS, verify_sections
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -170,3 +175,100 @@ def test_checkpoint_fields_are_typed(field: str, value: object) -> None:
     kwargs[field] = value
     with pytest.raises(CheckpointSchemaError, match=field):
         Checkpoint(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_digest_record_holds_every_tensors_digest_and_is_the_last_tensor_record() -> None:
+    checkpoint = make_checkpoint(ema=True)
+    data = _encoded(checkpoint)
+    payload = _payload(data)
+    digests = payload["integrity"]["tensors"]  # type: ignore[index]
+    tensors = [
+        *checkpoint.model.values(),
+        *(checkpoint.ema or {}).values(),
+        *checkpoint.rng_state.values(),
+        *(t for state in checkpoint.optimizer["state"].values() for t in state.values()),
+    ]
+    assert isinstance(digests, torch.Tensor)
+    assert digests.dtype == torch.uint8
+    assert [bytes(row) for row in digests.tolist()] == [
+        bytes.fromhex(xxhash.xxh3_64_hexdigest(t.contiguous().numpy().tobytes())) for t in tensors
+    ]
+    # the digests are written (by a second thread) after every other tensor; the weights come first
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        records = sorted(
+            (info for info in archive.infolist() if "/data/" in info.filename and info.file_size),
+            key=lambda info: info.header_offset,
+        )
+    assert _record(data, records[-1]) == bytes(b for row in digests.tolist() for b in row)
+    assert _record(data, records[0]) == checkpoint.model["0.weight"].numpy().tobytes()
+
+
+def _record(archive: bytes, info: zipfile.ZipInfo) -> bytes:
+    # zipfile.read() would check the CRC fields, which our files leave at 0 (docs/file-format.md)
+    name_length, extra_length = struct.unpack_from("<HH", archive, info.header_offset + 26)
+    start = info.header_offset + 30 + name_length + extra_length
+    return archive[start : start + info.file_size]
+
+
+def test_a_failed_write_stops_the_digest_thread() -> None:
+    class FullDisk(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: object) -> int:
+            raise OSError(28, "No space left on device")
+
+    before = {thread.name for thread in threading.enumerate()}
+    with pytest.raises(OSError, match="No space left"):
+        encode(make_checkpoint(), FullDisk())  # type: ignore[arg-type]
+    assert {thread.name for thread in threading.enumerate()} == before
+
+
+_V1_FILE = Path(__file__).parent / "data" / "format_v1.pt"
+"""Written by ml_playground 0.1.0's encoder (format version 1): make_checkpoint(iter_num=7,
+best_val_loss=0.5, ema=True, seed=3), rng_state from a generator seeded with 0."""
+
+
+def test_a_format_version_1_file_loads_through_its_migration() -> None:
+    raw = torch.load(_V1_FILE, weights_only=True)
+    assert raw["format_version"] == 1
+    assert isinstance(raw["integrity"]["tensors"][0], str)
+    loaded = decode(_V1_FILE, source="format_v1.pt")
+    assert (loaded.iter_num, loaded.best_val_loss, dict(loaded.data_state)) == (7, 0.5, {"position": 7})
+    assert loaded.ema is not None
+    for section, state in (("model", loaded.model), ("ema", loaded.ema), ("rng_state", loaded.rng_state)):
+        assert state.keys() == raw[section].keys()
+        assert all(torch.equal(state[key], raw[section][key]) for key in state)
+    assert loaded.optimizer["param_groups"] == raw["optimizer"]["param_groups"]
+    assert torch.equal(loaded.optimizer["state"][0]["exp_avg"], raw["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_a_format_version_1_file_migrates_to_a_verifiable_version_2_payload() -> None:
+    raw = torch.load(_V1_FILE, weights_only=True)
+    migrated = MIGRATIONS[1](raw)
+    assert migrated["format_version"] == 2
+    assert list(migrated) == ["format", "format_version", "meta", "model", "ema", "rng_state", "optimizer", "integrity"]
+    verify_sections(migrated, "migrated")  # the converted digest record checks the same bytes
+    assert decode(io.BytesIO(_reencode(migrated)), source="re-saved").iter_num == 7
+
+
+def test_damage_in_a_format_version_1_file_is_detected() -> None:
+    data = bytearray(_V1_FILE.read_bytes())
+    raw = torch.load(_V1_FILE, weights_only=True)
+    offset = bytes(data).index(raw["ema"]["1.bias"].numpy().tobytes())
+    data[offset] ^= 0x10
+    with pytest.raises(CheckpointCorruptError, match=r"format_v1\.pt.*ema\.1\.bias"):
+        decode(io.BytesIO(bytes(data)), source="format_v1.pt")
+
+
+def test_a_save_leaves_the_global_rng_untouched() -> None:
+    # a bitwise resume depends on it: saving between two steps must not move torch's generator
+    checkpoint = make_checkpoint()
+    before = torch.get_rng_state()
+    _encoded(checkpoint)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_checkpoint_without_tensors_round_trips() -> None:
+    checkpoint = Checkpoint(model={}, optimizer={}, model_args={}, iter_num=2, best_val_loss=1.0)
+    assert _decode(_encoded(checkpoint)).iter_num == 2

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from ml_playground.checkpoint import CheckpointManager, LocalStore, decode
+from ml_playground.checkpoint import FORMAT_VERSION, CheckpointManager, LocalStore, decode
 from ml_playground.checkpoint._codec import FORMAT_MAGIC, _integrity
 from ml_playground.errors import CheckpointCorruptError, CheckpointError, CheckpointSchemaError, UnsafeCheckpointError
 from tests.conftest import make_checkpoint
@@ -55,7 +55,7 @@ def _body(config_value: object) -> dict[str, Any]:
     """A checkpoint payload that looks like ours, with ``config_value`` in its metadata."""
     return {
         "format": FORMAT_MAGIC,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "meta": {
             "iter_num": 5,
             "best_val_loss": 1.0,

@@ -13,7 +13,7 @@ from ml_playground.errors import CheckpointSchemaError
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "PlainData", "StateDict", "check_plain_tree"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """The version this package writes. Older versions load through migrations; newer ones are refused."""
 
 PlainData: TypeAlias = bool | int | float | str | list["PlainData"] | dict[str, "PlainData"] | None

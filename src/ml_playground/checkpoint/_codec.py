@@ -1,12 +1,12 @@
 """Checkpoint <-> bytes.
 
 A file is a plain ``torch.save`` archive of tensors and plain data, so ``torch.load(weights_only=True)``
-reads it without this package. Its top level is::
+reads it without this package. Its top level (format version 2) is::
 
-    {"format": "ml_playground.checkpoint", "format_version": 1,
+    {"format": "ml_playground.checkpoint", "format_version": 2,
      "meta": {iter_num, best_val_loss, model_args, config, data_state},
-     "model": {...}, "optimizer": {...}, "ema": {...} | None, "rng_state": {...},
-     "integrity": {"algorithm": "xxh3_64", "structure": HEX, "tensors": [HEX, ...]}}
+     "model": {...}, "ema": {...} | None, "rng_state": {...}, "optimizer": {...},
+     "integrity": {"algorithm": "xxh3_64", "structure": HEX, "tensors": uint8 tensor (N, 8)}}
 
 ``integrity.tensors`` holds one digest of every tensor's bytes in traversal order; ``structure`` covers
 every key, plain value, dtype and shape. ``torch.load`` itself detects no flipped byte in tensor data,
@@ -15,18 +15,24 @@ so these digests are what make a damaged file an error instead of a silently wro
 Speed (docs/performance.md): ``torch.save``'s zip writer computes a CRC32 of every record by default, a
 whole extra pass over the tensor bytes that ``torch.load`` never checks; our xxh3 digests are the check,
 so ``encode`` turns that CRC off for its own ``torch.save`` call (the records' CRC fields then read 0;
-``torch.load`` is unaffected, ``unzip -t`` would complain). A file given as a local path is read by
-``torch.load``'s own reader, or memory-mapped when the caller asks.
+``torch.load`` is unaffected, ``unzip -t`` would complain). The digests are computed by a second thread
+while ``torch.save`` writes the tensors: they are a tensor, the archive's last record, so they are
+needed only at the end of the write (version 1 kept them as hex strings inside ``data.pkl``, the first
+record, which made the hashing a pass of its own before the write). The section order (model and EMA
+first, the optimizer last) keeps the weights an evaluation needs in one run of bytes near the file's
+start. A file given as a local path is read by ``torch.load``'s own reader, or memory-mapped when the
+caller asks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import pickle
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -36,6 +42,7 @@ import xxhash
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, check_plain_tree
 from ml_playground.errors import (
     CheckpointCorruptError,
+    CheckpointError,
     CheckpointNotFoundError,
     CheckpointSchemaError,
     CheckpointVersionError,
@@ -43,25 +50,55 @@ from ml_playground.errors import (
     UnsafeCheckpointError,
 )
 
-__all__ = ["FORMAT_MAGIC", "MIGRATIONS", "decode", "encode", "verify"]
+__all__ = ["FORMAT_MAGIC", "MIGRATIONS", "TENSOR_SECTIONS", "decode", "encode", "verify", "verify_sections"]
 
 FORMAT_MAGIC = "ml_playground.checkpoint"
 _ALGORITHM = "xxh3_64"
 _ZIP_MAGIC = b"PK\x03\x04"
-_TENSOR_SECTIONS = ("model", "optimizer", "ema", "rng_state")
+TENSOR_SECTIONS = ("model", "ema", "rng_state", "optimizer")
+_DIGEST_SIZE = 8
 
 Payload = dict[str, Any]
 Source = IO[bytes] | Path
 """What ``decode``/``verify`` read: an open binary stream, or the path of a local file."""
 
 _CRC32_SWITCH = threading.Lock()
-MIGRATIONS: dict[int, Callable[[Payload], Payload]] = {}
+
+
+def _v1_to_v2(payload: Payload) -> Payload:
+    """v2 orders the sections model, ema, rng_state, optimizer and keeps the digests as a uint8 tensor.
+
+    The record is carried over, not recomputed: the digests are permuted into the new order, and the
+    structure digest is re-derived only where the old one matches (a load with ``verify=False``
+    migrates unchecked payloads; damage there stays detectable by ``verify_sections``).
+    """
+    old_body = {key: value for key, value in payload.items() if key != "integrity"}
+    body = {
+        **{key: payload[key] for key in ("format", "format_version", "meta", *TENSOR_SECTIONS)},
+        "format_version": 2,
+    }
+    stored = payload["integrity"]
+    if not isinstance(stored, dict):
+        return {**body, "integrity": stored}
+    old_digests = _stored_digests(stored.get("tensors"), 1)
+    old_tensors = list(_tensors(old_body))
+    tensors: torch.Tensor | None = None
+    if old_digests is not None and len(old_digests) == len(old_tensors):
+        by_section: dict[str, list[bytes]] = {}
+        for (section, _, _), digest in zip(old_tensors, old_digests, strict=True):
+            by_section.setdefault(section, []).append(digest)
+        tensors = _digest_tensor([digest for section in TENSOR_SECTIONS for digest in by_section.get(section, [])])
+    structure = _structure_record(body) if stored.get("structure") == _structure_record(old_body)["structure"] else {}
+    return {**body, "integrity": {**stored, **structure, "tensors": tensors}}
+
+
+MIGRATIONS: dict[int, Callable[[Payload], Payload]] = {1: _v1_to_v2}
 """``MIGRATIONS[v]`` turns a verified payload of format version ``v`` into version ``v + 1``."""
 
 
 def encode(checkpoint: Checkpoint, stream: IO[bytes]) -> None:
     """Write ``checkpoint`` to ``stream`` (which need not be seekable)."""
-    payload: Payload = {
+    body: Payload = {
         "format": FORMAT_MAGIC,
         "format_version": FORMAT_VERSION,
         "meta": {
@@ -72,39 +109,99 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes]) -> None:
             "data_state": dict(checkpoint.data_state),
         },
         "model": dict(checkpoint.model),
-        "optimizer": dict(checkpoint.optimizer),
         "ema": None if checkpoint.ema is None else dict(checkpoint.ema),
         "rng_state": dict(checkpoint.rng_state),
+        "optimizer": dict(checkpoint.optimizer),
     }
-    payload["integrity"] = _integrity(payload)
-    sink = _ErrorKeepingSink(stream)
-    try:
-        with _crc32_off():
-            torch.save(payload, cast(IO[bytes], sink))  # torch only calls write() and flush()
-    except BaseException as exc:
-        if sink.error is not None and sink.error is not exc:
-            raise sink.error from None  # torch.save reports it as RuntimeError("unexpected pos ...")
-        raise
-    if sink.error is not None:
-        raise sink.error
+    tensors = [tensor for _, _, tensor in _tensors(body)]
+    with _DigestThread(tensors) as digests:
+        # The digest tensor starts as random bytes that no other record of the archive can equal; the
+        # sink recognises that record when torch writes it (last) and writes the digests in its place.
+        # (os.urandom, not torch's generator: a save must not move the training's RNG state)
+        placeholder = os.urandom(len(tensors) * _DIGEST_SIZE)
+        rows = torch.tensor(list(placeholder), dtype=torch.uint8).reshape(len(tensors), _DIGEST_SIZE)
+        payload = {**body, "integrity": {**_structure_record(body), "tensors": rows}}
+        sink = _ErrorKeepingSink(stream, placeholder, digests.result)
+        try:
+            with _crc32_off():
+                torch.save(payload, cast(IO[bytes], sink))  # torch only calls write() and flush()
+        except BaseException as exc:
+            if sink.error is not None and sink.error is not exc:
+                raise sink.error from None  # torch.save reports it as RuntimeError("unexpected pos ...")
+            raise
+        if sink.error is not None:
+            raise sink.error
+        if tensors and not sink.replaced:
+            raise CheckpointError(
+                "the checkpoint's integrity record was not written as one piece by this torch version's "
+                f"writer (torch {torch.__version__}); the save was abandoned. Report this to ml_playground."
+            )
+
+
+class _DigestThread:
+    """Hashes tensors on a second thread while the caller writes them (xxhash releases the GIL).
+
+    ``result()`` waits for every digest; leaving the ``with`` block stops the thread early (between two
+    tensors) when the write failed, so no thread outlives a save.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self._tensors = tensors
+        self._digests: list[bytes] = []
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ml_playground-checksums", daemon=True)
+
+    def __enter__(self) -> _DigestThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            for tensor in self._tensors:
+                if self._stop.is_set():
+                    return
+                self._digests.append(tensor_digest(tensor))
+        except BaseException as exc:  # handed to the writer by result(); never lost in the thread
+            self._error = exc
+
+    def result(self) -> bytes:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return b"".join(self._digests)
 
 
 class _ErrorKeepingSink:
-    """Passes writes through, and keeps the first exception a write raised.
+    """Passes writes through, keeps the first exception a write raised, and fills in the digests.
 
     ``torch.save`` turns an exception raised by ``write`` (a full disk, a failed upload, even
     KeyboardInterrupt) into ``RuntimeError("unexpected pos ...")``; the store's own error, which
-    names the path or URL and the cause, is what the caller must see.
+    names the path or URL and the cause, is what the caller must see. The write that carries the
+    integrity record's placeholder bytes waits for the digests and writes them instead (torch's zip
+    writer hands over an uncompressed record in one write, straight from the tensor's memory).
     """
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], placeholder: bytes, digests: Callable[[], bytes]) -> None:
         self._stream = stream
+        self._placeholder = placeholder
+        self._digests = digests
+        self.replaced = False
         self.error: BaseException | None = None
 
     def write(self, data: bytes) -> int:
         if self.error is not None:
             raise self.error
         try:
+            if not self.replaced and len(data) == len(self._placeholder) and bytes(data) == self._placeholder:
+                self.replaced = True
+                digests = self._digests()
+                self._stream.write(digests)
+                return len(digests)
             return self._stream.write(data)
         except BaseException as exc:
             self.error = exc
@@ -147,7 +244,7 @@ def decode(
     payload = _load_payload(data, source, map_location, mmap)
     version = _check_header(payload, source)
     if verify:
-        _verify_integrity(payload, source)
+        verify_sections(payload, source)
     while version < FORMAT_VERSION:
         payload = MIGRATIONS[version](payload)
         version += 1
@@ -161,7 +258,7 @@ def verify(data: Source, *, source: str) -> None:
     """
     payload = _load_payload(data, source, None, isinstance(data, Path))
     _check_header(payload, source)
-    _verify_integrity(payload, source)
+    verify_sections(payload, source)
 
 
 def _load_payload(data: Source, source: str, map_location: torch.device | str | None, mmap: bool) -> Any:
@@ -224,13 +321,21 @@ def _check_header(payload: Any, source: str) -> int:
             f"{source} was written in format version {version}; this ml_playground reads up to "
             f"{FORMAT_VERSION}. Upgrade ml_playground to load it."
         )
-    missing = {"meta", "integrity", *_TENSOR_SECTIONS} - payload.keys()
+    missing = {"meta", "integrity", *TENSOR_SECTIONS} - payload.keys()
     if missing:
         raise CheckpointSchemaError(f"{source} lacks the field(s) {', '.join(sorted(missing))}")
     return version
 
 
-def _verify_integrity(payload: Payload, source: str) -> None:
+def verify_sections(payload: Payload, source: str, sections: Collection[str] = TENSOR_SECTIONS) -> None:
+    """Check ``payload``'s structure digest and the digests of the tensors in ``sections``; raise if damaged.
+
+    A payload loaded with ``mmap=True`` is read only where it is hashed, so checking a subset reads only
+    that subset's bytes (an evaluation checks the model and EMA weights, never the optimizer's).
+    """
+    unknown = set(sections) - set(TENSOR_SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown checkpoint sections {sorted(unknown)}")
     stored = payload["integrity"]
     if not isinstance(stored, dict) or stored.get("algorithm") != _ALGORITHM:
         raise CheckpointCorruptError(f"{source} has no readable integrity record")
@@ -239,54 +344,86 @@ def _verify_integrity(payload: Payload, source: str) -> None:
         check_plain_tree("checkpoint", body, tensors_allowed=True)
     except CheckpointSchemaError as exc:
         raise UnsafeCheckpointError(f"{source}: {exc}") from None
-    actual = _integrity(body)
-    if stored.get("structure") != actual["structure"]:
+    if stored.get("structure") != _structure_record(body)["structure"]:
         raise CheckpointCorruptError(
             f"{source} is damaged: its metadata does not match its checksum. Delete it, or restore it from a copy."
         )
-    expected_tensors = stored.get("tensors")
-    if not isinstance(expected_tensors, list) or len(expected_tensors) != len(actual["tensors"]):
+    tensors = list(_tensors(body))
+    expected = _stored_digests(stored.get("tensors"), payload["format_version"])
+    if expected is None or len(expected) != len(tensors):
         raise CheckpointCorruptError(f"{source} is damaged: its tensor checksums are incomplete")
-    for (path, _), want, got in zip(_tensors(body), expected_tensors, actual["tensors"], strict=True):
-        if want != got:
+    for (section, path, tensor), want in zip(tensors, expected, strict=True):
+        if section in sections and tensor_digest(tensor) != want:
             raise CheckpointCorruptError(
                 f"{source} is damaged: the bytes of tensor {path} do not match their checksum. "
                 "Delete it, or restore it from a copy."
             )
 
 
+def _stored_digests(stored: object, version: int) -> list[bytes] | None:
+    """The digests as the file keeps them (v1: hex strings; v2: a uint8 tensor, a row per tensor)."""
+    if version == 1:
+        if not isinstance(stored, list) or not all(isinstance(h, str) and len(h) == 2 * _DIGEST_SIZE for h in stored):
+            return None
+        try:
+            return [bytes.fromhex(h) for h in stored]
+        except ValueError:
+            return None
+    if (
+        not isinstance(stored, torch.Tensor)
+        or stored.dtype != torch.uint8
+        or stored.dim() != 2
+        or stored.shape[1] != _DIGEST_SIZE
+    ):
+        return None
+    return [bytes(row) for row in stored.tolist()]
+
+
 def _integrity(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The integrity record of ``body``, computed in line (``encode`` overlaps it with the write)."""
+    return {**_structure_record(body), "tensors": _digest_tensor([tensor_digest(t) for _, _, t in _tensors(body)])}
+
+
+def _digest_tensor(digests: list[bytes]) -> torch.Tensor:
+    return torch.tensor([list(d) for d in digests], dtype=torch.uint8).reshape(len(digests), _DIGEST_SIZE)
+
+
+def _structure_record(body: Mapping[str, Any]) -> dict[str, str]:
     structure = xxhash.xxh3_64()
     for token in _structure_tokens(body):
         structure.update(token.encode("utf-8", "surrogatepass"))
-    return {
-        "algorithm": _ALGORITHM,
-        "structure": structure.hexdigest(),
-        "tensors": [tensor_digest(tensor) for _, tensor in _tensors(body)],
-    }
+    return {"algorithm": _ALGORITHM, "structure": structure.hexdigest()}
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """xxh3 of a tensor's logical bytes, read in place (no copy for a contiguous CPU tensor)."""
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    """xxh3-64 of a tensor's logical bytes (8 bytes, big-endian), read in place (no copy for a
+    contiguous CPU tensor)."""
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = tensor.resolve_conj().resolve_neg().contiguous()
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
-        return xxhash.xxh3_64_hexdigest(b"")
-    return xxhash.xxh3_64_hexdigest((ctypes.c_char * nbytes).from_address(tensor.data_ptr()))
+        return xxhash.xxh3_64_digest(b"")
+    return xxhash.xxh3_64_digest((ctypes.c_char * nbytes).from_address(tensor.data_ptr()))
 
 
-def _tensors(tree: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(body: Mapping[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(section, path, tensor) of every tensor in a payload body, in its order."""
+    for section, value in body.items():
+        for path, tensor in _tensors_in(value, section):
+            yield section, path, tensor
+
+
+def _tensors_in(tree: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(tree, torch.Tensor):
         yield path, tree
     elif isinstance(tree, Mapping):
         for key, value in tree.items():
-            yield from _tensors(value, f"{path}.{key}" if path else str(key))
+            yield from _tensors_in(value, f"{path}.{key}")
     elif isinstance(tree, (list, tuple)):
         for index, value in enumerate(tree):
-            yield from _tensors(value, f"{path}[{index}]")
+            yield from _tensors_in(value, f"{path}[{index}]")
 
 
 def _structure_tokens(tree: Any) -> Iterator[str]:
