@@ -355,6 +355,18 @@ def setup_ours_s3_load(ctx: Context) -> tuple[Body, Callable[[], None]]:
     return counted, cleanup
 
 
+def setup_ours_s3_load_weights(ctx: Context) -> tuple[Body, Callable[[], None]]:
+    """``load_weights``: only the model's records are fetched (target 7); bytes counted from the Range headers."""
+    manager = _s3_manager(ctx, create=False)
+    counts = _count_requests(manager)
+    body, cleanup = _load(ctx, lambda: (counts.clear(), manager.load_weights(OURS_NAME))[1])
+
+    def counted(phase: Phase) -> dict[str, Any]:
+        return {**body(phase), "requests": dict(counts)}
+
+    return counted, cleanup
+
+
 SETUPS: dict[str, Callable[[Context], tuple[Body, Callable[[], None]]]] = {
     name[len("setup_") :]: value for name, value in globals().items() if name.startswith("setup_")
 }

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ml_playground.checkpoint import Checkpoint
+from ml_playground.checkpoint import Checkpoint, ModelWeights
 
 MIB = 2**20
 
@@ -98,6 +98,8 @@ def iter_tensors(tree: Any) -> Iterator[torch.Tensor]:
         yield tree
     elif isinstance(tree, Checkpoint):
         yield from iter_tensors([tree.model, tree.optimizer, tree.ema, tree.rng_state])
+    elif isinstance(tree, ModelWeights):
+        yield from iter_tensors([tree.model, tree.ema])
     elif isinstance(tree, dict):
         for value in tree.values():
             yield from iter_tensors(value)

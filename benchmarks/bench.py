@@ -45,12 +45,12 @@ GROUPS: dict[str, tuple[bool, list[tuple[str, list[str]]]]] = {
     ),
     "async": (False, [("snapshot_copy", []), ("async_save", [])]),
     "s3_raw": (True, [("s3_raw_pipe", ["s3_raw_cat"])]),
-    "s3_ours": (True, [("ours_s3_save", ["ours_s3_load"])]),
+    "s3_ours": (True, [("ours_s3_save", ["ours_s3_load", "ours_s3_load_weights"])]),
 }
 ORDER = [
     "raw_write", "raw_write_wb", "torch_save", "ours_save", "ours_save_nohash", "snapshot_copy", "async_save",
     "raw_read", "torch_load", "torch_load_mmap", "ours_load", "ours_load_mmap", "ours_load_mmap_verified",
-    "s3_raw_pipe", "ours_s3_save", "s3_raw_cat", "ours_s3_load",
+    "s3_raw_pipe", "ours_s3_save", "s3_raw_cat", "ours_s3_load", "ours_s3_load_weights",
 ]  # fmt: skip
 CHILD_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",
@@ -365,7 +365,17 @@ def targets(rows: dict[tuple[int, str, str], list[dict[str, Any]]]) -> str:
         add(size, "4. S3 load time / raw cat", t4, "<= 1.0", t4 is not None and t4 <= 1.0)
         p4 = get(size, "ours_s3_load", "peak")
         add(size, "4. S3 load client peak / checkpoint", p4, "<= 1.2", p4 is not None and p4 <= 1.2)
-        for scenario, what in (("ours_s3_save", "save"), ("ours_s3_load", "load")):
+        weights = rows.get((size, "ours_s3_load_weights", "hot")) or rows.get((size, "ours_s3_load_weights", "first"))
+        model_bytes = weights[-1]["payload"] if weights else None  # what a weights load returns
+        for scenario, what in (("ours_s3_load", "full load"), ("ours_s3_load_weights", "weights load")):
+            its = rows.get((size, scenario, "hot")) or rows.get((size, scenario, "first")) or []
+            fetched = its[-1].get("requests", {}).get("bytes_fetched") if its else None
+            t7 = ratio(fetched, model_bytes)
+            add(size, f"7. bytes fetched by a {what} / model bytes", t7, "<= 1.1", t7 is not None and t7 <= 1.1)
+        t7t = ratio(get(size, "ours_s3_load_weights"), get(size, "ours_s3_load"))
+        add(size, "7. (ref.) S3 weights load time / full load time", t7t, "(reference)", None)
+        s3_loads = (("ours_s3_save", "save"), ("ours_s3_load", "load"), ("ours_s3_load_weights", "weights load"))
+        for scenario, what in s3_loads:
             its = rows.get((size, scenario, "hot")) or rows.get((size, scenario, "first")) or []
             if its and "requests" in its[-1]:
                 counted = ", ".join(f"{op} {n}" for op, n in sorted(its[-1]["requests"].items()))

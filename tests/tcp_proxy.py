@@ -8,6 +8,9 @@ The client talks to the proxy; the proxy relays to the real server. Two faults:
 - ``drop_response_when``: a predicate on the first bytes of a request; when it matches, the request
   reaches the server but the connection is closed before the response returns (the outcome is
   unknown to the client). ``drops`` limits how often.
+
+``received`` counts the bytes relayed from the server to the client (responses, headers included):
+what a load fetched over the wire.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class CuttingProxy:
         self.drops = 0
         self.cut_count = 0
         self.drop_count = 0
+        self.received = 0
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -116,6 +120,8 @@ class CuttingProxy:
                         break  # the server answered the request; the client never hears it
                     continue
                 state.client.sendall(data)
+                with self._lock:
+                    self.received += len(data)
         except OSError:
             pass
         state.close()

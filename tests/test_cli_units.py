@@ -181,3 +181,25 @@ def test_the_download_view_keeps_the_fast_s3_copy_and_announces_it(s3_location: 
         assert path.is_file()
     assert_same_checkpoint(CheckpointManager(view).load("ckpt_last_00000006.pt"), original)
     assert f"fetching {location.url}/ckpt_last_00000006.pt" in out.getvalue()
+
+
+@pytest.mark.s3
+def test_the_download_view_keeps_the_weights_only_load_and_announces_it(s3_location: Any) -> None:
+    import io as _io
+
+    import torch
+
+    from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
+    from ml_playground.progress import DownloadProgress
+    from tests.conftest import make_checkpoint
+
+    location = s3_location()
+    original = make_checkpoint(iter_num=6, width=64)
+    CheckpointManager(open_store(location, create=True), KeepPolicy(last=1, best=0)).save_last(original)
+    out = _io.StringIO()
+    view = DownloadProgress(open_store(location), min_bytes=1, file=out)
+    with view.partial_copy("ckpt_last_00000006.pt") as copy:
+        assert copy is not None  # the sparse copy of the weights-only load, not a whole-file fallback
+    weights = CheckpointManager(view).load_weights("ckpt_last_00000006.pt")
+    assert torch.equal(weights.model["0.weight"], original.model["0.weight"])
+    assert f"fetching the weights of {location.url}/ckpt_last_00000006.pt" in out.getvalue()

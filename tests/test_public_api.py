@@ -22,6 +22,7 @@ def test_checkpoint_exports() -> None:
         "KeepPolicy",
         "LocalStore",
         "MetricMode",
+        "ModelWeights",
         "StoredObject",
         "SyncCheckpointSaver",
         "WriterLease",

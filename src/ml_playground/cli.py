@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ml_playground import cli_ckpt, sampling
-from ml_playground.ckpt_tools import read_checkpoint
 from ml_playground.cli_common import EXPERIMENT_HELP, SET_HELP, Formatter, fail, load_config, location_of_ref
 from ml_playground.config import ExperimentConfig
 from ml_playground.config_loader import parse_location
@@ -120,7 +119,7 @@ def _load_for_reading(args: argparse.Namespace) -> tuple[ExperimentConfig, sampl
     runtime = config.sample.runtime
     if args.checkpoint is not None:
         location, name = location_of_ref(args.checkpoint, runtime.storage_options)
-        checkpoint, source = read_checkpoint(location, name)
+        checkpoint, source = sampling.load_checkpoint(location, name=name)
     else:
         if args.from_ is not None:
             location = parse_location(

@@ -12,7 +12,7 @@ from typing import IO, Any, TextIO
 from tqdm import tqdm
 
 from ml_playground.checkpoint import CheckpointStore, StoredObject
-from ml_playground.checkpoint._store import LocalCopyStore
+from ml_playground.checkpoint._store import LocalCopyStore, PartialCopy, PartialCopyStore
 
 __all__ = ["DownloadProgress", "Progress"]
 
@@ -82,6 +82,17 @@ class DownloadProgress:
             print(f"fetching {self.url}/{name} ({size / 2**20:.1f} MiB) ...", file=self._file, flush=True)
         with self._store.local_copy(name) as path:
             yield path
+
+    @contextlib.contextmanager
+    def partial_copy(self, name: str) -> Iterator[PartialCopy | None]:
+        """The wrapped store's sparse copy for a weights-only load (when it has one), announced on a line."""
+        if not isinstance(self._store, PartialCopyStore):
+            yield None
+            return
+        if self._size(name) >= self._min_bytes:
+            print(f"fetching the weights of {self.url}/{name} ...", file=self._file, flush=True)
+        with self._store.partial_copy(name) as copy:
+            yield copy
 
     def _size(self, name: str) -> int:
         return next((obj.size for obj in self._store.list() if obj.name == name), 0)

@@ -13,7 +13,9 @@ from typing import Literal
 
 import torch
 
-from ml_playground.checkpoint import Checkpoint, CheckpointManager, CheckpointStore, open_store
+from ml_playground.checkpoint import CheckpointManager, CheckpointStore, ModelWeights, open_store
+from ml_playground.checkpoint._naming import CHECKPOINT_PREFIX
+from ml_playground.ckpt_tools import read_checkpoint
 from ml_playground.config import SamplingConfig
 from ml_playground.data import fixed_batches, splits_for_checkpoint, tokenizer_for_checkpoint
 from ml_playground.errors import CheckpointNotFoundError, CheckpointSchemaError
@@ -38,15 +40,22 @@ class LoadedModel:
     """A model rebuilt from a checkpoint, with the file it came from and which weights it holds."""
 
     model: GPT
-    checkpoint: Checkpoint
+    checkpoint: ModelWeights
     source: str
     weights: Weights
 
 
 def load_checkpoint(
     location: Location, *, name: str | None = None, policy: Literal["latest", "best"] = "best"
-) -> tuple[Checkpoint, str]:
-    """Read one checkpoint: ``name`` in ``location``, or the one ``policy`` picks; returns it and its URL."""
+) -> tuple[ModelWeights, str]:
+    """Read one checkpoint's weights: ``name`` in ``location``, or the one ``policy`` picks; returns them and the URL.
+
+    A checkpoint is read without its optimizer state (from a remote store only the model's and EMA's
+    bytes are fetched). A file with another name (a copy such as ``model.pt``) is read whole.
+    """
+    if name is not None and not name.startswith(CHECKPOINT_PREFIX):
+        checkpoint, source = read_checkpoint(location, name)
+        return ModelWeights.of(checkpoint), source
     store: CheckpointStore = open_store(location)
     if isinstance(location, RemoteLocation) and sys.stderr.isatty():
         store = DownloadProgress(store)
@@ -60,10 +69,10 @@ def load_checkpoint(
                 f"{exc} (sample.runtime.read_policy = {policy!r}); train there first, pass --checkpoint FILE, "
                 f"or use --set sample.runtime.read_policy={other}"
             ) from None
-    return manager.load(name), f"{manager.store.url}/{name}"
+    return manager.load_weights(name), f"{manager.store.url}/{name}"
 
 
-def load_model(checkpoint: Checkpoint, source: str, *, use_ema: bool, device: str = "cpu") -> LoadedModel:
+def load_model(checkpoint: ModelWeights, source: str, *, use_ema: bool, device: str = "cpu") -> LoadedModel:
     """Build the network from ``checkpoint.model_args``; EMA weights when present and ``use_ema``."""
     args = GPTArgs.from_plain(checkpoint.model_args, source=source)
     model = GPT(args)

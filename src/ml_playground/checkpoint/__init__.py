@@ -13,6 +13,7 @@ from ml_playground.checkpoint._manager import CheckpointInfo, CheckpointManager,
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName
 from ml_playground.checkpoint._rotation import KeepPolicy, to_delete
 from ml_playground.checkpoint._store import CheckpointStore, StoredObject
+from ml_playground.checkpoint._weights import ModelWeights
 from ml_playground.checkpoint.stores import FileOps, LocalStore, open_store
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "KeepPolicy",
     "LocalStore",
     "MetricMode",
+    "ModelWeights",
     "StoredObject",
     "SyncCheckpointSaver",
     "WriterLease",

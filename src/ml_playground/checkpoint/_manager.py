@@ -19,6 +19,7 @@ from ml_playground.checkpoint._lease import DEFAULT_TTL, Lease, WriterLease
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, format_metric, is_checkpoint_like
 from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
 from ml_playground.checkpoint._store import CheckpointStore, LocalCopyStore, LocalPathStore
+from ml_playground.checkpoint._weights import ModelWeights, read_weights, weights_source
 from ml_playground.checkpoint.stores._local import LocalStore
 from ml_playground.errors import (
     CheckpointError,
@@ -262,6 +263,25 @@ class CheckpointManager:
         _check_matches_name(checkpoint, name, source)
         return checkpoint
 
+    def load_weights(self, filename: str, *, map_location: MapLocation = None, verify: bool = True) -> ModelWeights:
+        """Load one checkpoint's model and EMA weights (no optimizer, no RNG state), checked like :meth:`load`.
+
+        From a remote store only the model's and EMA's bytes are fetched, not the optimizer's
+        (docs/performance.md, target 7); ``verify`` checks the structure and those tensors' digests.
+        ``map_location=None`` puts the tensors on the CPU.
+        """
+        name = CheckpointName.parse(filename)
+        source = f"{self.store.url}/{filename}"
+        try:
+            with weights_source(self.store, filename) as copy:
+                if copy is None:  # no partial reads here: the whole file it is
+                    return ModelWeights.of(self.load(filename, map_location=map_location, verify=verify))
+                weights = read_weights(copy, source=source, map_location=map_location, verify=verify)
+        except CheckpointNotFoundError:
+            raise self._not_found(name, source) from None
+        _check_matches_name(weights, name, source)
+        return weights
+
     def verify(self, filename: str) -> None:
         """Check one checkpoint's checksums (memory-mapped where the store is local); damage raises."""
         name = CheckpointName.parse(filename)
@@ -322,7 +342,7 @@ class CheckpointManager:
         return CheckpointNotFoundError(f"no checkpoint {source}")
 
 
-def _check_matches_name(checkpoint: Checkpoint, name: CheckpointName, source: str) -> None:
+def _check_matches_name(checkpoint: Checkpoint | ModelWeights, name: CheckpointName, source: str) -> None:
     if checkpoint.iter_num != name.iter_num:
         raise CheckpointSchemaError(
             f"{source} holds iteration {checkpoint.iter_num}, but its name says {name.iter_num}; "

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
-__all__ = ["TEMP_PREFIX", "CheckpointStore", "LocalCopyStore", "LocalPathStore", "StoredObject"]
+__all__ = [
+    "TEMP_PREFIX",
+    "CheckpointStore",
+    "LocalCopyStore",
+    "LocalPathStore",
+    "PartialCopy",
+    "PartialCopyStore",
+    "StoredObject",
+]
 
 TEMP_PREFIX = ".ckpt-partial."
 """Prefix of an in-flight save's temporary object; no checkpoint name can start with it."""
@@ -69,4 +78,30 @@ class LocalCopyStore(Protocol):
     def local_copy(self, name: str) -> AbstractContextManager[Path | None]:
         """A temporary local copy of committed object ``name``, deleted when the block ends; None where
         the store prefers to be read as a stream (:meth:`CheckpointStore.open`)."""
+        ...
+
+
+class PartialCopy(Protocol):
+    """A local file of an object's full size that holds only the byte ranges fetched into it so far.
+
+    The rest are holes (a sparse file), which read as zeros. ``fetch`` writes the object's bytes
+    ``[start, end)`` of every range into the same offsets of the file.
+    """
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def fetch(self, ranges: Sequence[tuple[int, int]]) -> None: ...
+
+
+@runtime_checkable
+class PartialCopyStore(Protocol):
+    """An optional capability: a remote store that fetches chosen byte ranges of an object into a local file."""
+
+    def partial_copy(self, name: str) -> AbstractContextManager[PartialCopy | None]:
+        """An empty sparse local copy of committed object ``name``, deleted when the block ends; None when
+        the temporary directory cannot hold one. A missing object raises CheckpointNotFoundError."""
         ...

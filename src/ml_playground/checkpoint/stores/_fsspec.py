@@ -24,8 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from ml_playground.checkpoint._store import TEMP_PREFIX, StoredObject
+from ml_playground.checkpoint._store import TEMP_PREFIX, PartialCopy, StoredObject
 from ml_playground.checkpoint.stores._filesystems import READ_BLOCK_SIZE, make_filesystem
+from ml_playground.checkpoint.stores._partial import partial_copy
 from ml_playground.checkpoint.stores._s3_download import downloaded
 from ml_playground.checkpoint.stores._s3_upload import S3Upload, abort_stale_uploads
 from ml_playground.checkpoint.stores._streams import Reader, Writer, raise_own_failure
@@ -146,6 +147,16 @@ class FsspecStore:
         url = self._child(name)
         with downloaded(self._fs, url, range_size=self._part_size, max_concurrency=self._max_concurrency) as path:
             yield path
+
+    def partial_copy(self, name: str) -> contextlib.AbstractContextManager[PartialCopy | None]:
+        """An empty sparse local copy of ``name`` that fetches only the byte ranges asked for (deleted on exit).
+
+        A weights-only load fetches the model's records through it (docs/performance.md, target 7): on
+        S3 with ``max_concurrency`` ranged GETs of up to ``part_size_mib``, elsewhere with ``cat_ranges``.
+        """
+        return partial_copy(
+            self._fs, self._child(name), self._scheme, range_size=self._part_size, max_concurrency=self._max_concurrency
+        )
 
     def delete(self, name: str) -> None:
         url = self._child(name)

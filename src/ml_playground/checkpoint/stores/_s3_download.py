@@ -1,4 +1,4 @@
-"""Fetch one S3 object into a local temporary file: concurrent ranged GETs, bounded memory.
+"""Fetch S3 objects (whole, or chosen byte ranges) into local files: concurrent ranged GETs, bounded memory.
 
 Why: ``torch.load`` over a seekable remote stream fetches one block at a time, so a load took
 1.9-2.5x a plain ``cat`` of the object (docs/performance.md). Here ``max_concurrency`` ranged GETs
@@ -6,6 +6,7 @@ of ``range_size`` bytes run at once on the filesystem's event loop, and each bod
 its place in the file in 1 MiB pieces as it arrives: the client holds at most
 ``max_concurrency`` pieces (a few MiB) whatever the object's size. The caller then loads the file
 by path (torch's own reader, from the page cache), so the tensors are the only large allocation.
+:func:`fetch_ranges` fetches any set of ranges the same way (a weights-only load fetches the model's).
 """
 
 from __future__ import annotations
@@ -16,19 +17,35 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ml_playground.checkpoint.stores._translate import error_code, translate, translated
 from ml_playground.errors import CheckpointError, StorageError
 
-__all__ = ["downloaded"]
+__all__ = ["ObjectId", "downloaded", "fetch_ranges", "head", "split"]
 
 logger = logging.getLogger(__name__)
 
 _PIECE = 2**20
 _SPARE = 64 * 2**20  # free space kept beyond the object's size in the temporary directory
+
+ObjectId = tuple[str, str, str]
+"""An object's bucket, key and ETag: ranged GETs carry the ETag as If-Match."""
+
+
+def head(fs: Any, url: str) -> tuple[ObjectId, int]:
+    """HEAD the object ``url``: its id (with the ETag) and its size; a missing one raises CheckpointNotFoundError."""
+    bucket, _, key = url.partition("://")[2].partition("/")
+    with translated("loading", url):
+        response = fs.call_s3("head_object", Bucket=bucket, Key=key)
+    return (bucket, key, str(response["ETag"])), int(response["ContentLength"])
+
+
+def split(ranges: Sequence[tuple[int, int]], piece: int) -> list[tuple[int, int]]:
+    """``ranges`` cut into ranges of at most ``piece`` bytes (empty ones dropped)."""
+    return [(start, min(start + piece, end)) for first, end in ranges for start in range(first, end, piece)]
 
 
 @contextlib.contextmanager
@@ -39,10 +56,7 @@ def downloaded(fs: Any, url: str, *, range_size: int, max_concurrency: int) -> I
     space for the object. A missing object raises CheckpointNotFoundError; any backend failure the
     package's StorageError.
     """
-    bucket, _, key = url.partition("://")[2].partition("/")
-    with translated("loading", url):
-        head = fs.call_s3("head_object", Bucket=bucket, Key=key)
-    size, etag = int(head["ContentLength"]), str(head["ETag"])
+    object_id, size = head(fs, url)
     directory = tempfile.gettempdir()
     free = shutil.disk_usage(directory).free
     if free < size + _SPARE:
@@ -56,15 +70,19 @@ def downloaded(fs: Any, url: str, *, range_size: int, max_concurrency: int) -> I
             os.truncate(fd, size)
         finally:
             os.close(fd)
-        _fetch_all(fs, url, (bucket, key, etag), size, path, range_size, max_concurrency)
+        fetch_ranges(fs, url, object_id, path, split([(0, size)], range_size), max_concurrency)
         yield path
     finally:
         path.unlink(missing_ok=True)
 
 
-def _fetch_all(
-    fs: Any, url: str, object_id: tuple[str, str, str], size: int, path: Path, range_size: int, concurrency: int
+def fetch_ranges(
+    fs: Any, url: str, object_id: ObjectId, path: Path, ranges: Sequence[tuple[int, int]], concurrency: int
 ) -> None:
+    """GET each range of the object into the same offsets of the existing file ``path``, ``concurrency`` at once.
+
+    An object replaced since the HEAD that gave ``object_id`` fails (If-Match) instead of mixing bytes.
+    """
     bucket, key, etag = object_id
 
     async def fetch(gate: asyncio.Semaphore, start: int, end: int) -> None:
@@ -94,8 +112,8 @@ def _fetch_all(
     async def fetch_all() -> None:
         gate = asyncio.Semaphore(max(1, concurrency))
         async with asyncio.TaskGroup() as group:  # one failure cancels the other ranges
-            for start in range(0, size, range_size):
-                group.create_task(fetch(gate, start, min(start + range_size, size)))
+            for start, end in ranges:
+                group.create_task(fetch(gate, start, end))
 
     future = asyncio.run_coroutine_threadsafe(fetch_all(), fs.loop)
     try:

@@ -1,0 +1,254 @@
+"""Weights-only loads: a checkpoint's model (and EMA) without its optimizer state, fetching only their bytes.
+
+Sampling and evaluation need the model; the optimizer state is about twice its size. From a remote
+store (docs/performance.md, target 7) the load works on a sparse local copy of the object
+(:class:`~ml_playground.checkpoint._store.PartialCopy`) and fetches, in this order:
+
+1. the last 64 KiB (the zip's end records and, for a few hundred tensors, its whole directory), and
+   the rest of the directory if it starts earlier;
+2. the metadata records (the pickle ``data.pkl`` first of all) and ``data/0``'s local header;
+3. after a first ``torch.load(mmap=True)`` of that file, which reads no tensor bytes, the records of
+   the storages that ``model``, ``ema`` and ``integrity`` hold, coalesced into few ranges.
+
+The file is then loaded again (memory-mapped, so only the pickle is read), the model's digests are
+checked, and the model/EMA tensors are copied out so the file can go. ``torch.load`` finds each
+storage's offset without reading the other records' local headers (which lie in holes) because of
+torch's public switch ``torch.utils.serialization.config.load.calculate_storage_offsets``; without
+it torch would read zeros as those headers and compute wrong offsets without an error (measured,
+torch 2.13). The switch is process-global: it is on only during our loads, under one lock, and a
+``torch.load`` another thread runs meanwhile computes the same offsets torch's reader would find.
+A local store's file is used in place (nothing to fetch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.serialization import config as serialization_config
+
+from ml_playground.checkpoint import _codec
+from ml_playground.checkpoint._checkpoint import (
+    FORMAT_VERSION,
+    Checkpoint,
+    PlainData,
+    StateDict,
+    _check_state_dict,
+    check_plain_tree,
+)
+from ml_playground.checkpoint._sections import verify_sections
+from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore, PartialCopy, PartialCopyStore
+from ml_playground.checkpoint._zip_layout import (
+    TAIL,
+    Record,
+    coalesce,
+    data_offset,
+    directory_start,
+    header_range,
+    match_storages,
+    read_records,
+)
+from ml_playground.errors import CheckpointCorruptError, CheckpointSchemaError
+
+__all__ = ["ModelWeights", "read_weights", "weights_source"]
+
+MapLocation = torch.device | str | None
+
+_VERIFIED = ("model", "ema")
+_FETCHED = ("model", "ema", "integrity")  # from format version 2 the digests are a tensor of their own
+_OFFSETS_SWITCH = threading.Lock()
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ModelWeights:
+    """What sampling and evaluation need from a checkpoint: no optimizer state, no RNG state."""
+
+    model: StateDict
+    model_args: Mapping[str, PlainData]
+    iter_num: int
+    best_val_loss: float
+    config: Mapping[str, PlainData] = field(default_factory=dict)
+    ema: StateDict | None = None
+    data_state: Mapping[str, PlainData] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iter_num, bool) or not isinstance(self.iter_num, int) or self.iter_num < 0:
+            raise CheckpointSchemaError(f"iter_num must be an int >= 0, got {self.iter_num!r}")
+        if isinstance(self.best_val_loss, bool) or not isinstance(self.best_val_loss, (int, float)):
+            raise CheckpointSchemaError(f"best_val_loss must be a float, got {self.best_val_loss!r}")
+        object.__setattr__(self, "best_val_loss", float(self.best_val_loss))
+        _check_state_dict("model", self.model)
+        if self.ema is not None:
+            _check_state_dict("ema", self.ema)
+        for name in ("model_args", "config", "data_state"):
+            check_plain_tree(name, getattr(self, name), tensors_allowed=False)
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> ModelWeights:
+        """The weights of a fully loaded checkpoint (its tensors shared, not copied)."""
+        return cls(
+            model=checkpoint.model,
+            model_args=checkpoint.model_args,
+            iter_num=checkpoint.iter_num,
+            best_val_loss=checkpoint.best_val_loss,
+            config=checkpoint.config,
+            ema=checkpoint.ema,
+            data_state=checkpoint.data_state,
+        )
+
+    @property
+    def has_ema(self) -> bool:
+        return self.ema is not None
+
+
+class _LocalFile:
+    """A local store's committed file: every byte is already there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = path.stat().st_size
+
+    def fetch(self, ranges: Iterable[tuple[int, int]]) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def weights_source(store: CheckpointStore, filename: str) -> Iterator[PartialCopy | None]:
+    """The file a weights-only load reads: a local store's own file, or a remote store's sparse copy.
+
+    None when the store has neither (or no room for a copy): the caller then loads the whole checkpoint.
+    """
+    if isinstance(store, LocalPathStore):
+        yield _LocalFile(store.local_path(filename))
+    elif isinstance(store, PartialCopyStore):
+        with store.partial_copy(filename) as copy:
+            yield copy
+    else:
+        yield None
+
+
+class _Fetched:
+    """The ranges of a partial copy fetched so far; asks the copy only for what it lacks."""
+
+    def __init__(self, copy: PartialCopy) -> None:
+        self.copy = copy
+        self._have: list[tuple[int, int]] = []
+
+    def ensure(self, ranges: Iterable[tuple[int, int]]) -> None:
+        missing: list[tuple[int, int]] = []
+        for start, end in coalesce(ranges):
+            for have_start, have_end in self._have:
+                if have_end <= start or have_start >= end:
+                    continue
+                if have_start > start:
+                    missing.append((start, have_start))
+                start = max(start, have_end)
+            if start < end:
+                missing.append((start, end))
+        if missing:
+            self.copy.fetch(coalesce(missing))
+            self._have = coalesce([*self._have, *missing])
+
+
+def read_weights(
+    copy: PartialCopy, *, source: str, map_location: MapLocation = None, verify: bool = True
+) -> ModelWeights:
+    """Fetch into ``copy`` what the model and EMA need, check it, and return the weights (module docstring)."""
+    fetched = _Fetched(copy)
+    path, size = copy.path, copy.size
+    fetched.ensure([(max(0, size - TAIL), size)])
+    directory = directory_start(path, size, source)
+    fetched.ensure([(directory, size)])
+    records = read_records(path, directory, source)
+    first = next((r for r in records if r.storage_key == "0"), None)
+    metadata = [(r.header_offset, r.end) for r in records if r.storage_key is None]
+    fetched.ensure([*metadata, *([header_range(first)] if first else [])])
+    if first is not None:  # torch reads data/0's whole local header; it may be longer than usual
+        fetched.ensure([(first.header_offset, data_offset(path, first, source))])
+
+    payload = _load(path, source)  # reads the pickle and the headers fetched; no tensor bytes
+    version = _codec._check_header(payload, source)
+    by_pointer = match_storages(_storages(payload, payload.keys()), records, source)
+    needed = {by_pointer[s.data_ptr()] for s in _storages(payload, _FETCHED) if s.nbytes() > 0}
+    del payload
+    fetched.ensure((record.header_offset, record.end) for record in needed)
+
+    payload = _load(path, source)  # the same pickle, now over the fetched bytes
+    _check_offsets(payload, records, path, source)
+    if verify:
+        # INTEGRATION POINT: _codec.verify_sections(payload, source, _VERIFIED) once it is on main.
+        verify_sections(payload, source, _VERIFIED)
+    while version < FORMAT_VERSION:
+        payload = _codec.MIGRATIONS[version](payload)
+        version += 1
+    return _to_weights(payload, source, torch.device("cpu" if map_location is None else map_location))
+
+
+def _load(path: Path, source: str) -> Any:
+    patch = serialization_config.patch({"load.calculate_storage_offsets": True})  # type: ignore[attr-defined]
+    with _OFFSETS_SWITCH, patch:
+        return _codec._load_payload(path, source, "cpu", True)
+
+
+def _storages(payload: Mapping[str, Any], sections: Iterable[str]) -> list[torch.UntypedStorage]:
+    return [
+        tensor.untyped_storage() for section in sections for _, tensor in _codec._tensors(payload.get(section), section)
+    ]
+
+
+def _check_offsets(payload: Mapping[str, Any], records: list[Record], path: Path, source: str) -> None:
+    """Every storage we fetched lies exactly where its record's local header says its data starts."""
+    by_pointer = match_storages(_storages(payload, payload.keys()), records, source)
+    needed = sorted((s.data_ptr(), by_pointer[s.data_ptr()]) for s in _storages(payload, _FETCHED) if s.nbytes() > 0)
+    if not needed:
+        return
+    base = needed[0][0] - data_offset(path, needed[0][1], source)
+    for pointer, record in needed:
+        if pointer - base != data_offset(path, record, source):
+            raise CheckpointCorruptError(f"{source}: tensor data of {record.name} is not where its zip record says")
+
+
+def _to_weights(payload: Mapping[str, Any], source: str, device: torch.device) -> ModelWeights:
+    meta = payload["meta"]
+    if not isinstance(meta, dict):
+        raise CheckpointSchemaError(f"{source}: meta must be a table, got {type(meta).__name__}")
+    missing = {"iter_num", "best_val_loss", "model_args", "config", "data_state"} - meta.keys()
+    if missing:
+        raise CheckpointSchemaError(f"{source} lacks the field(s) {', '.join(sorted('meta.' + m for m in missing))}")
+    copies: dict[int, torch.UntypedStorage] = {}
+    try:
+        _check_state_dict("model", payload["model"])
+        if payload["ema"] is not None:
+            _check_state_dict("ema", payload["ema"])
+        return ModelWeights(
+            model=_copied(payload["model"], copies, device),
+            ema=None if payload["ema"] is None else _copied(payload["ema"], copies, device),
+            iter_num=meta["iter_num"],
+            best_val_loss=meta["best_val_loss"],
+            model_args=meta["model_args"],
+            config=meta["config"],
+            data_state=meta["data_state"],
+        )
+    except CheckpointSchemaError as exc:
+        raise CheckpointSchemaError(f"{source}: {exc}") from None
+
+
+def _copied(
+    state: Mapping[str, torch.Tensor], copies: dict[int, torch.UntypedStorage], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``state``'s tensors in memory of their own on ``device`` (off the mapped file); shared storages stay shared."""
+    out = {}
+    for key, tensor in state.items():
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in copies:
+            as_bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
+            copies[storage.data_ptr()] = as_bytes.to(device=device, copy=True).untyped_storage()
+        out[key] = torch.empty(0, dtype=tensor.dtype, device=device).set_(
+            copies[storage.data_ptr()], tensor.storage_offset(), tensor.size(), tensor.stride()
+        )
+    return out

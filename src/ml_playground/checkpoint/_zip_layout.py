@@ -1,0 +1,154 @@
+"""Where a ``torch.save`` archive keeps what: its records, read from the zip's central directory.
+
+A checkpoint is an uncompressed zip::
+
+    [data.pkl][.format_version][.storage_alignment][byteorder][data/0][data/1]...[version, ...][directory][EOCD]
+
+Each storage is one ``data/<key>`` record, written in key order, i.e. in the order the pickle first
+meets it. This module reads the directory (the stdlib ``zipfile`` reads only the end of a file for
+it, so a sparse file that holds the tail is enough), says which byte ranges hold the metadata
+records and a record's local header, ties the storages of a memory-mapped load to their records,
+and coalesces ranges. It does no I/O but reading the local file it is given.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ml_playground.errors import CheckpointCorruptError
+
+__all__ = [
+    "TAIL",
+    "Record",
+    "coalesce",
+    "data_offset",
+    "directory_start",
+    "header_range",
+    "match_storages",
+    "read_records",
+]
+
+TAIL = 64 * 2**10
+"""Bytes fetched from the end first: the EOCD, and the whole directory of a checkpoint of ~500 tensors."""
+
+_EOCD = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EOCD = b"PK\x06\x06"
+_LOCAL_HEADER = b"PK\x03\x04"
+_LOCAL_HEADER_SIZE = 30
+_HEADER_SLACK = 4 + 20 + 64  # torch's alignment-padding field, a zip64 field, the default alignment
+_STORAGE_NAME = re.compile(r"^[^/]+/data/(\d+)$")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One zip member: its local header's offset, its data's size, and where the next record starts."""
+
+    name: str
+    header_offset: int
+    size: int
+    end: int
+
+    @property
+    def storage_key(self) -> str | None:
+        """The storage key of a ``<archive>/data/<key>`` record, else None."""
+        match = _STORAGE_NAME.match(self.name)
+        return match.group(1) if match else None
+
+
+def directory_start(path: Path, size: int, source: str) -> int:
+    """The central directory's offset, from the EOCD (and zip64) records within the file's last ``TAIL`` bytes."""
+    with path.open("rb") as handle:
+        start = max(0, size - TAIL)
+        handle.seek(start)
+        tail = handle.read()
+        at = tail.rfind(_EOCD)
+        if at < 0 or len(tail) - at < 22:
+            raise CheckpointCorruptError(f"{source} is not a zip archive (no end of central directory)")
+        (offset,) = struct.unpack_from("<I", tail, at + 16)
+        if offset != 0xFFFFFFFF:
+            return int(offset)
+        locator = at - 20
+        if locator < 0 or tail[locator : locator + 4] != _ZIP64_LOCATOR:
+            raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
+        (record,) = struct.unpack_from("<Q", tail, locator + 8)
+        handle.seek(record)
+        zip64 = handle.read(56)
+    if zip64[:4] != _ZIP64_EOCD:
+        raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
+    (offset,) = struct.unpack_from("<Q", zip64, 48)
+    return int(offset)
+
+
+def read_records(path: Path, directory: int, source: str) -> list[Record]:
+    """Every record of the archive at ``path``, by offset, each ending where the next begins."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointCorruptError(f"{source} has an unreadable zip directory ({exc})") from None
+    ends = [info.header_offset for info in infos[1:]] + [directory]
+    records = [
+        Record(info.filename, info.header_offset, info.file_size, end) for info, end in zip(infos, ends, strict=True)
+    ]
+    if any(record.header_offset + record.size > record.end for record in records):
+        raise CheckpointCorruptError(f"{source} has a zip directory whose records overlap")
+    return records
+
+
+def header_range(record: Record) -> tuple[int, int]:
+    """Bytes that hold ``record``'s local header in a file written by ``torch.save`` (its usual padding)."""
+    return record.header_offset, min(
+        record.end, record.header_offset + _LOCAL_HEADER_SIZE + len(record.name) + _HEADER_SLACK
+    )
+
+
+def data_offset(path: Path, record: Record, source: str) -> int:
+    """Where ``record``'s data starts, read from the fixed part of its local header (its first 30 bytes)."""
+    with path.open("rb") as handle:
+        handle.seek(record.header_offset)
+        header = handle.read(_LOCAL_HEADER_SIZE)
+    if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
+        raise CheckpointCorruptError(f"{source} is damaged: the zip record {record.name} has no local header")
+    name_length, extra_length = struct.unpack_from("<HH", header, 26)
+    offset: int = record.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
+    if offset + record.size > record.end:
+        raise CheckpointCorruptError(f"{source} is damaged: the zip record {record.name} overlaps the next one")
+    return offset
+
+
+def match_storages(
+    storages: Iterable[torch.UntypedStorage], records: Sequence[Record], source: str
+) -> dict[int, Record]:
+    """The record of every non-empty storage of a memory-mapped load, keyed by ``data_ptr()``.
+
+    Storages and records both lie in key order in the file, so sorting the distinct storages by
+    address and the storage records by offset pairs them; every pair must agree on the size, or the
+    load raises instead of fetching the wrong bytes.
+    """
+    sizes = {storage.data_ptr(): storage.nbytes() for storage in storages if storage.nbytes() > 0}
+    stored = [record for record in records if record.storage_key is not None and record.size > 0]
+    pointers = sorted(sizes)
+    if len(pointers) != len(stored) or any(sizes[ptr] != rec.size for ptr, rec in zip(pointers, stored, strict=False)):
+        raise CheckpointCorruptError(
+            f"{source}: its tensors do not match its zip records ({len(pointers)} storages, {len(stored)} records)"
+        )
+    return dict(zip(pointers, stored, strict=True))
+
+
+def coalesce(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-empty ranges with overlapping or adjacent ones merged."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged

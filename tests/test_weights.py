@@ -1,0 +1,177 @@
+"""Weights-only loads (``CheckpointManager.load_weights``) from local and ``memory://`` stores.
+
+The S3 side (bytes fetched, If-Match) is in ``test_s3_weights.py``.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import IO
+
+import pytest
+import torch
+
+from ml_playground.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    CheckpointStore,
+    KeepPolicy,
+    LocalStore,
+    StoredObject,
+    open_store,
+)
+from ml_playground.config_loader import parse_location
+from ml_playground.errors import CheckpointCorruptError, CheckpointRotatedAwayError, CheckpointSchemaError
+from tests.conftest import make_checkpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class ProtocolOnly:
+    """A store with only the protocol's four verbs (no local files, no partial reads), over another store."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self._store = store
+
+    @property
+    def url(self) -> str:
+        return self._store.url
+
+    def write(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        return self._store.write(name)
+
+    def open(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        return self._store.open(name)
+
+    def list(self) -> list[StoredObject]:
+        return self._store.list()
+
+    def delete(self, name: str) -> None:
+        self._store.delete(name)
+
+
+def _local(tmp_path: Path) -> CheckpointManager:
+    return CheckpointManager(LocalStore(tmp_path / "run", create=True), KeepPolicy(last=2, best=1))
+
+
+def _memory(tmp_path: Path) -> CheckpointManager:
+    location = parse_location(f"memory://weights-{tmp_path.name}/run", base_dir=tmp_path)
+    return CheckpointManager(open_store(location, create=True), KeepPolicy(last=2, best=1))
+
+
+def _protocol_only(tmp_path: Path) -> CheckpointManager:
+    return CheckpointManager(ProtocolOnly(LocalStore(tmp_path / "run", create=True)), KeepPolicy(last=2, best=1))
+
+
+def _tied(checkpoint: Checkpoint) -> Checkpoint:
+    """The checkpoint with a tied weight (two keys, one storage, as GPT's wte/lm_head) and an empty buffer."""
+    model = dict(checkpoint.model)
+    model["tied.weight"] = model["0.weight"]
+    model["empty"] = torch.empty(0, 3)
+    return Checkpoint(
+        model=model,
+        optimizer=checkpoint.optimizer,
+        model_args=checkpoint.model_args,
+        iter_num=checkpoint.iter_num,
+        best_val_loss=checkpoint.best_val_loss,
+        config=checkpoint.config,
+        ema=checkpoint.ema,
+        rng_state=checkpoint.rng_state,
+        data_state=checkpoint.data_state,
+    )
+
+
+@pytest.mark.parametrize("make", [_local, _memory, _protocol_only], ids=["local", "memory", "protocol-only"])
+@pytest.mark.parametrize("ema", [False, True], ids=["no-ema", "ema"])
+def test_load_weights_returns_the_model_ema_and_metadata(tmp_path: Path, make: object, ema: bool) -> None:
+    manager = make(tmp_path)  # type: ignore[operator]
+    checkpoint = _tied(make_checkpoint(12, 0.25, width=32, ema=ema))
+    name = manager.save_best(checkpoint)
+    weights = manager.load_weights(name.filename)
+    assert (weights.iter_num, weights.best_val_loss) == (12, 0.25)
+    assert dict(weights.model_args) == dict(checkpoint.model_args)
+    assert dict(weights.config) == dict(checkpoint.config)
+    assert dict(weights.data_state) == dict(checkpoint.data_state)
+    assert weights.model.keys() == checkpoint.model.keys()
+    for key, tensor in checkpoint.model.items():
+        assert torch.equal(weights.model[key], tensor), key
+        assert weights.model[key].dtype == tensor.dtype
+    assert weights.has_ema is ema
+    if checkpoint.ema is not None:
+        assert weights.ema is not None
+        for key, tensor in checkpoint.ema.items():
+            assert torch.equal(weights.ema[key], tensor), key
+    # a tied weight stays tied, as in a full load; and no tensor points into a (deleted) file any more
+    assert weights.model["tied.weight"].untyped_storage().data_ptr() == weights.model["0.weight"].data_ptr()
+    assert not hasattr(weights, "optimizer")
+
+
+def test_the_weights_are_independent_of_the_local_file(tmp_path: Path) -> None:
+    manager = _local(tmp_path)
+    checkpoint = make_checkpoint(3, width=16)
+    name = manager.save_last(checkpoint)
+    assert name is not None
+    weights = manager.load_weights(name.filename)
+    path = tmp_path / "run" / name.filename
+    path.write_bytes(b"\0" * path.stat().st_size)  # overwrite in place: a mapped tensor would change
+    assert torch.equal(weights.model["0.weight"], checkpoint.model["0.weight"])
+
+
+def test_map_location_and_verify_false(tmp_path: Path) -> None:
+    manager = _memory(tmp_path)
+    checkpoint = make_checkpoint(3, width=16)
+    name = manager.save_last(checkpoint)
+    assert name is not None
+    weights = manager.load_weights(name.filename, map_location="meta", verify=False)
+    assert {tensor.device.type for tensor in weights.model.values()} == {"meta"}
+    assert weights.model["0.weight"].shape == checkpoint.model["0.weight"].shape
+
+
+@pytest.mark.parametrize("make", [_local, _memory], ids=["local", "memory"])
+def test_a_flipped_model_byte_is_detected_and_verify_false_skips_the_check(tmp_path: Path, make: object) -> None:
+    manager = make(tmp_path)  # type: ignore[operator]
+    checkpoint = make_checkpoint(3, width=64)
+    name = manager.save_last(checkpoint).filename
+    store = manager.store
+    with store.open(name) as stream:
+        blob = bytearray(stream.read())
+    at = blob.find(checkpoint.model["0.weight"].numpy().tobytes())
+    assert at > 0
+    blob[at + 3] ^= 0x01
+    store.delete(name)
+    with store.write(name) as stream:
+        stream.write(bytes(blob))
+    with pytest.raises(CheckpointCorruptError, match=rf"{name} is damaged: .*model\.0\.weight"):
+        manager.load_weights(name)
+    assert not torch.equal(manager.load_weights(name, verify=False).model["0.weight"], checkpoint.model["0.weight"])
+
+
+def test_content_must_match_the_name(tmp_path: Path) -> None:
+    manager = _local(tmp_path)
+    name = manager.save_last(make_checkpoint(3))
+    assert name is not None
+    (tmp_path / "run" / name.filename).rename(tmp_path / "run" / "ckpt_last_00000004.pt")
+    with pytest.raises(CheckpointSchemaError, match="holds iteration 3, but its name says 4"):
+        manager.load_weights("ckpt_last_00000004.pt")
+
+
+def test_a_rotated_away_checkpoint_names_its_successor(tmp_path: Path) -> None:
+    manager = CheckpointManager(LocalStore(tmp_path / "run", create=True), KeepPolicy(last=1, best=0))
+    manager.save_last(make_checkpoint(1))
+    manager.save_last(make_checkpoint(2))
+    with pytest.raises(CheckpointRotatedAwayError, match="ckpt_last_00000002.pt"):
+        manager.load_weights("ckpt_last_00000001.pt")
+
+
+@pytest.mark.parametrize("make", [_local, _memory], ids=["local", "memory"])
+def test_a_truncated_file_is_corrupt(tmp_path: Path, make: object) -> None:
+    manager = make(tmp_path)  # type: ignore[operator]
+    name = manager.save_last(make_checkpoint(3, width=64)).filename
+    with manager.store.open(name) as stream:
+        blob = stream.read()
+    manager.store.delete(name)
+    with manager.store.write(name) as stream:
+        stream.write(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointCorruptError, match=name):
+        manager.load_weights(name)
