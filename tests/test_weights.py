@@ -175,3 +175,20 @@ def test_a_truncated_file_is_corrupt(tmp_path: Path, make: object) -> None:
         stream.write(blob[: len(blob) // 2])
     with pytest.raises(CheckpointCorruptError, match=name):
         manager.load_weights(name)
+
+
+@pytest.mark.parametrize("make", [_local, _memory], ids=["local", "memory"])
+def test_a_format_version_1_file_loads_weights_only(tmp_path: Path, make: object) -> None:
+    # version 1 orders the optimizer before the EMA and keeps its digests in data.pkl: the ranges differ,
+    # the result must not
+    manager = make(tmp_path)  # type: ignore[operator]
+    v1 = Path(__file__).parent / "data" / "format_v1.pt"
+    with manager.store.write("ckpt_best_00000007_0.500000.pt") as stream:
+        stream.write(v1.read_bytes())
+    raw = torch.load(v1, weights_only=True)
+    weights = manager.load_weights("ckpt_best_00000007_0.500000.pt")
+    assert (weights.iter_num, weights.best_val_loss) == (7, 0.5)
+    assert weights.ema is not None
+    for section, state in (("model", weights.model), ("ema", weights.ema)):
+        assert state.keys() == raw[section].keys()
+        assert all(torch.equal(state[key], raw[section][key]) for key in state)

@@ -41,7 +41,6 @@ from ml_playground.checkpoint._checkpoint import (
     _check_state_dict,
     check_plain_tree,
 )
-from ml_playground.checkpoint._sections import verify_sections
 from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore, PartialCopy, PartialCopyStore
 from ml_playground.checkpoint._zip_layout import (
     TAIL,
@@ -181,8 +180,7 @@ def read_weights(
     payload = _load(path, source)  # the same pickle, now over the fetched bytes
     _check_offsets(payload, records, path, source)
     if verify:
-        # INTEGRATION POINT: _codec.verify_sections(payload, source, _VERIFIED) once it is on main.
-        verify_sections(payload, source, _VERIFIED)
+        _codec.verify_sections(payload, source, _VERIFIED)
     while version < FORMAT_VERSION:
         payload = _codec.MIGRATIONS[version](payload)
         version += 1
@@ -197,7 +195,9 @@ def _load(path: Path, source: str) -> Any:
 
 def _storages(payload: Mapping[str, Any], sections: Iterable[str]) -> list[torch.UntypedStorage]:
     return [
-        tensor.untyped_storage() for section in sections for _, tensor in _codec._tensors(payload.get(section), section)
+        tensor.untyped_storage()
+        for section in sections
+        for _, tensor in _codec._tensors_in(payload.get(section), section)
     ]
 
 
