@@ -20,7 +20,7 @@ import torch
 from _measure import Phase
 from _state import as_plain_dict, build_checkpoint, tensor_bytes, touch
 
-from ml_playground.checkpoint import AsyncCheckpointSaver, CheckpointManager, KeepPolicy, LocalStore, _codec
+from ml_playground.checkpoint import AsyncCheckpointSaver, CheckpointManager, KeepPolicy, LocalStore, _codec, _digests
 from ml_playground.checkpoint._async import snapshot
 
 BUCKET = "bench"
@@ -118,7 +118,7 @@ def setup_ours_save(ctx: Context) -> tuple[Body, Callable[[], None]]:
     """Our save; ``checksum_work_s`` is the hashing the digest thread did (overlapped with the write),
     ``checksum_wait_s`` the time the write waited for it (what the checksums add to the save)."""
     work_s, wait_s = [0.0], [0.0]
-    digest, result = _codec.tensor_digest, _codec._DigestThread.result
+    digest, result = _digests.tensor_digest, _codec._DigestThread.result
 
     def timed_digest(tensor: Any) -> bytes:
         start = time.perf_counter()
@@ -134,7 +134,7 @@ def setup_ours_save(ctx: Context) -> tuple[Body, Callable[[], None]]:
         finally:
             wait_s[0] += time.perf_counter() - start
 
-    _codec.tensor_digest = timed_digest  # type: ignore[assignment]
+    _digests.tensor_digest = timed_digest  # type: ignore[assignment]
     _codec._DigestThread.result = timed_result  # type: ignore[method-assign]
     body, cleanup = _ours_save(ctx)
 
@@ -147,7 +147,7 @@ def setup_ours_save(ctx: Context) -> tuple[Body, Callable[[], None]]:
 
 def setup_ours_save_nohash(ctx: Context) -> tuple[Body, Callable[[], None]]:
     """Our save with the hashing replaced by a constant: the A/B reference for what checksums cost."""
-    _codec.tensor_digest = lambda tensor: bytes(8)  # type: ignore[assignment]
+    _digests.tensor_digest = lambda tensor: bytes(8)  # type: ignore[assignment]
     return _ours_save(ctx, "ours_nohash")
 
 

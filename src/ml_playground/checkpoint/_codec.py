@@ -27,19 +27,21 @@ caller asks.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import threading
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
 import xxhash
+from torch.utils.serialization import config as serialization_config
 
+from ml_playground.checkpoint import _digests
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, check_plain_tree
+from ml_playground.checkpoint._reader import Materialized, materialize, moved
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -56,13 +58,14 @@ FORMAT_MAGIC = "ml_playground.checkpoint"
 _ALGORITHM = "xxh3_64"
 _ZIP_MAGIC = b"PK\x03\x04"
 TENSOR_SECTIONS = ("model", "ema", "rng_state", "optimizer")
-_DIGEST_SIZE = 8
+_DIGEST_SIZE = _digests.DIGEST_SIZE
 
 Payload = dict[str, Any]
 Source = IO[bytes] | Path
 """What ``decode``/``verify`` read: an open binary stream, or the path of a local file."""
 
 _CRC32_SWITCH = threading.Lock()
+_OFFSETS_SWITCH = threading.Lock()
 
 
 def _v1_to_v2(payload: Payload) -> Payload:
@@ -81,7 +84,7 @@ def _v1_to_v2(payload: Payload) -> Payload:
     if not isinstance(stored, dict):
         return {**body, "integrity": stored}
     old_digests = _stored_digests(stored.get("tensors"), 1)
-    old_tensors = list(_tensors(old_body))
+    old_tensors = list(_digests.tensors(old_body))
     tensors: torch.Tensor | None = None
     if old_digests is not None and len(old_digests) == len(old_tensors):
         by_section: dict[str, list[bytes]] = {}
@@ -113,7 +116,7 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes]) -> None:
         "rng_state": dict(checkpoint.rng_state),
         "optimizer": dict(checkpoint.optimizer),
     }
-    tensors = [tensor for _, _, tensor in _tensors(body)]
+    tensors = [tensor for _, _, tensor in _digests.tensors(body)]
     with _DigestThread(tensors) as digests:
         # The digest tensor starts as random bytes that no other record of the archive can equal; the
         # sink recognises that record when torch writes it (last) and writes the digests in its place.
@@ -165,7 +168,7 @@ class _DigestThread:
             for tensor in self._tensors:
                 if self._stop.is_set():
                     return
-                self._digests.append(tensor_digest(tensor))
+                self._digests.append(_digests.tensor_digest(tensor))
         except BaseException as exc:  # handed to the writer by result(); never lost in the thread
             self._error = exc
 
@@ -241,10 +244,13 @@ def decode(
     """
     if mmap and not isinstance(data, Path):
         raise ValueError(f"mmap loading needs a local file path; {source} is a stream")
-    payload = _load_payload(data, source, map_location, mmap)
+    whole = _read_whole(data, source, verify) if isinstance(data, Path) and not mmap else None
+    payload = whole[0] if whole is not None else _load_payload(data, source, map_location, mmap)
     version = _check_header(payload, source)
     if verify:
-        verify_sections(payload, source)
+        verify_sections(payload, source, digests=None if whole is None else whole[1])
+    if whole is not None and map_location is not None and torch.device(map_location).type != "cpu":
+        payload = moved(payload, torch.device(map_location))
     while version < FORMAT_VERSION:
         payload = MIGRATIONS[version](payload)
         version += 1
@@ -259,6 +265,31 @@ def verify(data: Source, *, source: str) -> None:
     payload = _load_payload(data, source, None, isinstance(data, Path))
     _check_header(payload, source)
     verify_sections(payload, source)
+
+
+def load_mapped(path: Path, source: str) -> Any:
+    """``torch.load(path, mmap=True)`` computing every storage's offset instead of reading its local header.
+
+    Reads the pickle and one local header, no tensor bytes; a sparse file that holds just those loads
+    too (docs/performance.md, target 7). torch's switch for it is process-global: it is on only during
+    our loads, under one lock; a ``torch.load`` another thread runs meanwhile computes the same offsets.
+    """
+    switch = serialization_config.patch({"load.calculate_storage_offsets": True})  # type: ignore[attr-defined]
+    with _OFFSETS_SWITCH, switch:
+        return _load_payload(path, source, "cpu", True)
+
+
+def _read_whole(path: Path, source: str, verify: bool) -> Materialized | None:
+    """The payload of a local file with every tensor in memory of its own (``_reader``), hashed while read."""
+    mapped = load_mapped(path, source)
+    if not isinstance(mapped, dict):
+        return mapped, None  # not ours: _check_header says so
+    to_hash = (lambda payload: [t for _, _, t in _digests.tensors(_body(payload))]) if verify else None
+    return materialize(mapped, path, source, to_hash)
+
+
+def _body(payload: Payload) -> Payload:
+    return {key: value for key, value in payload.items() if key != "integrity"}
 
 
 def _load_payload(data: Source, source: str, map_location: torch.device | str | None, mmap: bool) -> Any:
@@ -327,11 +358,18 @@ def _check_header(payload: Any, source: str) -> int:
     return version
 
 
-def verify_sections(payload: Payload, source: str, sections: Collection[str] = TENSOR_SECTIONS) -> None:
+def verify_sections(
+    payload: Payload,
+    source: str,
+    sections: Collection[str] = TENSOR_SECTIONS,
+    *,
+    digests: Sequence[bytes] | None = None,
+) -> None:
     """Check ``payload``'s structure digest and the digests of the tensors in ``sections``; raise if damaged.
 
     A payload loaded with ``mmap=True`` is read only where it is hashed, so checking a subset reads only
     that subset's bytes (an evaluation checks the model and EMA weights, never the optimizer's).
+    ``digests`` are the tensors' digests when the caller computed them already (while reading them).
     """
     unknown = set(sections) - set(TENSOR_SECTIONS)
     if unknown:
@@ -339,7 +377,7 @@ def verify_sections(payload: Payload, source: str, sections: Collection[str] = T
     stored = payload["integrity"]
     if not isinstance(stored, dict) or stored.get("algorithm") != _ALGORITHM:
         raise CheckpointCorruptError(f"{source} has no readable integrity record")
-    body = {key: value for key, value in payload.items() if key != "integrity"}
+    body = _body(payload)
     try:
         check_plain_tree("checkpoint", body, tensors_allowed=True)
     except CheckpointSchemaError as exc:
@@ -348,12 +386,15 @@ def verify_sections(payload: Payload, source: str, sections: Collection[str] = T
         raise CheckpointCorruptError(
             f"{source} is damaged: its metadata does not match its checksum. Delete it, or restore it from a copy."
         )
-    tensors = list(_tensors(body))
+    tensors = list(_digests.tensors(body))
     expected = _stored_digests(stored.get("tensors"), payload["format_version"])
     if expected is None or len(expected) != len(tensors):
         raise CheckpointCorruptError(f"{source} is damaged: its tensor checksums are incomplete")
-    for (section, path, tensor), want in zip(tensors, expected, strict=True):
-        if section in sections and tensor_digest(tensor) != want:
+    actual = digests if digests is not None else [None] * len(tensors)
+    if len(actual) != len(tensors):
+        raise ValueError(f"{len(actual)} digests given for {len(tensors)} tensors")
+    for (section, path, tensor), want, got in zip(tensors, expected, actual, strict=True):
+        if section in sections and (got if got is not None else _digests.tensor_digest(tensor)) != want:
             raise CheckpointCorruptError(
                 f"{source} is damaged: the bytes of tensor {path} do not match their checksum. "
                 "Delete it, or restore it from a copy."
@@ -381,7 +422,10 @@ def _stored_digests(stored: object, version: int) -> list[bytes] | None:
 
 def _integrity(body: Mapping[str, Any]) -> dict[str, Any]:
     """The integrity record of ``body``, computed in line (``encode`` overlaps it with the write)."""
-    return {**_structure_record(body), "tensors": _digest_tensor([tensor_digest(t) for _, _, t in _tensors(body)])}
+    return {
+        **_structure_record(body),
+        "tensors": _digest_tensor([_digests.tensor_digest(t) for _, _, t in _digests.tensors(body)]),
+    }
 
 
 def _digest_tensor(digests: list[bytes]) -> torch.Tensor:
@@ -393,37 +437,6 @@ def _structure_record(body: Mapping[str, Any]) -> dict[str, str]:
     for token in _structure_tokens(body):
         structure.update(token.encode("utf-8", "surrogatepass"))
     return {"algorithm": _ALGORITHM, "structure": structure.hexdigest()}
-
-
-def tensor_digest(tensor: torch.Tensor) -> bytes:
-    """xxh3-64 of a tensor's logical bytes (8 bytes, big-endian), read in place (no copy for a
-    contiguous CPU tensor)."""
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    tensor = tensor.resolve_conj().resolve_neg().contiguous()
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes == 0:
-        return xxhash.xxh3_64_digest(b"")
-    return xxhash.xxh3_64_digest((ctypes.c_char * nbytes).from_address(tensor.data_ptr()))
-
-
-def _tensors(body: Mapping[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(section, path, tensor) of every tensor in a payload body, in its order."""
-    for section, value in body.items():
-        for path, tensor in _tensors_in(value, section):
-            yield section, path, tensor
-
-
-def _tensors_in(tree: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(tree, torch.Tensor):
-        yield path, tree
-    elif isinstance(tree, Mapping):
-        for key, value in tree.items():
-            yield from _tensors_in(value, f"{path}.{key}")
-    elif isinstance(tree, (list, tuple)):
-        for index, value in enumerate(tree):
-            yield from _tensors_in(value, f"{path}[{index}]")
 
 
 def _structure_tokens(tree: Any) -> Iterator[str]:

@@ -10,22 +10,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-import torch
-
 from ml_playground.checkpoint._checkpoint import Checkpoint
-from ml_playground.checkpoint._codec import Source, decode, encode
-from ml_playground.checkpoint._codec import verify as verify_source
+from ml_playground.checkpoint._codec import encode
 from ml_playground.checkpoint._lease import DEFAULT_TTL, Lease, WriterLease
-from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, format_metric, is_checkpoint_like
+from ml_playground.checkpoint._loading import MapLocation, load_checkpoint, load_weights, verify_checkpoint
+from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, is_checkpoint_like
 from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
-from ml_playground.checkpoint._store import CheckpointStore, LocalCopyStore, LocalPathStore
-from ml_playground.checkpoint._weights import ModelWeights, read_weights, weights_source
+from ml_playground.checkpoint._store import CheckpointStore
+from ml_playground.checkpoint._weights import ModelWeights
 from ml_playground.checkpoint.stores._local import LocalStore
 from ml_playground.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointRotatedAwayError,
-    CheckpointSchemaError,
 )
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "MetricMode", "improves"]
@@ -33,7 +30,6 @@ __all__ = ["CheckpointInfo", "CheckpointManager", "MetricMode", "improves"]
 logger = logging.getLogger(__name__)
 
 MetricMode = Literal["min", "max"]
-MapLocation = torch.device | str | None
 
 
 @dataclass(frozen=True)
@@ -254,14 +250,8 @@ class CheckpointManager:
         :meth:`verify` checks the file later (DESIGN.md, Integrity).
         """
         name = CheckpointName.parse(filename)
-        source = f"{self.store.url}/{filename}"
-        try:
-            with self._source(filename, mmap) as data:
-                checkpoint = decode(data, source=source, map_location=map_location, verify=verify, mmap=mmap)
-        except CheckpointNotFoundError:
-            raise self._not_found(name, source) from None
-        _check_matches_name(checkpoint, name, source)
-        return checkpoint
+        with self._rotated_away_if_missing(name):
+            return load_checkpoint(self.store, name, map_location=map_location, verify=verify, mmap=mmap)
 
     def load_weights(self, filename: str, *, map_location: MapLocation = None, verify: bool = True) -> ModelWeights:
         """Load one checkpoint's model and EMA weights (no optimizer, no RNG state), checked like :meth:`load`.
@@ -271,44 +261,14 @@ class CheckpointManager:
         ``map_location=None`` puts the tensors on the CPU.
         """
         name = CheckpointName.parse(filename)
-        source = f"{self.store.url}/{filename}"
-        try:
-            with weights_source(self.store, filename) as copy:
-                if copy is None:  # no partial reads here: the whole file it is
-                    return ModelWeights.of(self.load(filename, map_location=map_location, verify=verify))
-                weights = read_weights(copy, source=source, map_location=map_location, verify=verify)
-        except CheckpointNotFoundError:
-            raise self._not_found(name, source) from None
-        _check_matches_name(weights, name, source)
-        return weights
+        with self._rotated_away_if_missing(name):
+            return load_weights(self.store, name, map_location=map_location, verify=verify)
 
     def verify(self, filename: str) -> None:
         """Check one checkpoint's checksums (memory-mapped where the store is local); damage raises."""
         name = CheckpointName.parse(filename)
-        source = f"{self.store.url}/{filename}"
-        try:
-            with self._source(filename, False) as data:
-                verify_source(data, source=source)
-        except CheckpointNotFoundError:
-            raise self._not_found(name, source) from None
-
-    @contextlib.contextmanager
-    def _source(self, filename: str, mmap: bool) -> Iterator[Source]:
-        # torch.load reads a path with its own reader, faster than through a Python stream.
-        if isinstance(self.store, LocalPathStore):
-            yield self.store.local_path(filename)
-        elif mmap:
-            raise CheckpointError(f"{self.store.url} is not a local location; mmap loading needs local files")
-        else:
-            # A remote store's local copy (concurrent ranged GETs, deleted after the load) beats
-            # torch.load over a remote stream; the tensors are still read into anonymous memory.
-            with contextlib.ExitStack() as stack:
-                copy = (
-                    stack.enter_context(self.store.local_copy(filename))
-                    if isinstance(self.store, LocalCopyStore)
-                    else None
-                )
-                yield copy if copy is not None else stack.enter_context(self.store.open(filename))
+        with self._rotated_away_if_missing(name):
+            verify_checkpoint(self.store, name)
 
     def load_latest(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
         return self._load_chosen(self.latest(), "any", map_location, verify, mmap)
@@ -332,24 +292,16 @@ class CheckpointManager:
             raise CheckpointNotFoundError(f"no {what} in {self.store.url}")
         return self.load(info.filename, map_location=map_location, verify=verify, mmap=mmap)
 
-    def _not_found(self, name: CheckpointName, source: str) -> CheckpointNotFoundError:
-        newer = [info for info in self.checkpoints() if info.kind is name.kind and info.iter_num > name.iter_num]
-        if newer:
-            return CheckpointRotatedAwayError(
-                f"{source} was rotated away (a newer {name.kind.value} checkpoint, {newer[0].filename}, "
-                "replaced it); load the newer one"
-            )
-        return CheckpointNotFoundError(f"no checkpoint {source}")
-
-
-def _check_matches_name(checkpoint: Checkpoint | ModelWeights, name: CheckpointName, source: str) -> None:
-    if checkpoint.iter_num != name.iter_num:
-        raise CheckpointSchemaError(
-            f"{source} holds iteration {checkpoint.iter_num}, but its name says {name.iter_num}; "
-            "it was renamed or damaged"
-        )
-    if name.metric is not None and format_metric(checkpoint.best_val_loss) != format_metric(name.metric):
-        raise CheckpointSchemaError(
-            f"{source} holds metric {format_metric(checkpoint.best_val_loss)}, but its name says "
-            f"{format_metric(name.metric)}; it was renamed or damaged"
-        )
+    @contextlib.contextmanager
+    def _rotated_away_if_missing(self, name: CheckpointName) -> Iterator[None]:
+        try:
+            yield
+        except CheckpointNotFoundError:
+            source = f"{self.store.url}/{name.filename}"
+            newer = [info for info in self.checkpoints() if info.kind is name.kind and info.iter_num > name.iter_num]
+            if newer:
+                raise CheckpointRotatedAwayError(
+                    f"{source} was rotated away (a newer {name.kind.value} checkpoint, {newer[0].filename}, "
+                    "replaced it); load the newer one"
+                ) from None
+            raise CheckpointNotFoundError(f"no checkpoint {source}") from None

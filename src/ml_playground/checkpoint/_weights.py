@@ -23,16 +23,14 @@ A local store's file is used in place (nothing to fetch).
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.serialization import config as serialization_config
 
-from ml_playground.checkpoint import _codec
+from ml_playground.checkpoint import _codec, _digests
 from ml_playground.checkpoint._checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
@@ -54,13 +52,12 @@ from ml_playground.checkpoint._zip_layout import (
 )
 from ml_playground.errors import CheckpointCorruptError, CheckpointSchemaError
 
-__all__ = ["ModelWeights", "read_weights", "weights_source"]
+__all__ = ["MapLocation", "ModelWeights", "read_weights", "weights_source"]
 
 MapLocation = torch.device | str | None
 
 _VERIFIED = ("model", "ema")
 _FETCHED = ("model", "ema", "integrity")  # from format version 2 the digests are a tensor of their own
-_OFFSETS_SWITCH = threading.Lock()
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -188,16 +185,14 @@ def read_weights(
 
 
 def _load(path: Path, source: str) -> Any:
-    patch = serialization_config.patch({"load.calculate_storage_offsets": True})  # type: ignore[attr-defined]
-    with _OFFSETS_SWITCH, patch:
-        return _codec._load_payload(path, source, "cpu", True)
+    return _codec.load_mapped(path, source)
 
 
 def _storages(payload: Mapping[str, Any], sections: Iterable[str]) -> list[torch.UntypedStorage]:
     return [
         tensor.untyped_storage()
         for section in sections
-        for _, tensor in _codec._tensors_in(payload.get(section), section)
+        for _, tensor in _digests.tensors_in(payload.get(section), section)
     ]
 
 

@@ -1,0 +1,126 @@
+"""Whole loads of a local file (``decode(path)``): every storage read into memory of its own, digests computed
+while reading (``checkpoint/_reader.py``). The result must equal what ``torch.load`` returns, views and
+shared storages included, and must not depend on the file afterwards."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml_playground.checkpoint import Checkpoint, decode, encode
+from ml_playground.errors import CheckpointCorruptError
+from tests.conftest import make_checkpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _awkward(base: Checkpoint) -> Checkpoint:
+    """Tensors whose storages are shared, larger than the tensor, strided, empty, or of odd dtypes."""
+    grid = torch.arange(24.0).reshape(4, 6)
+    model = {
+        **base.model,
+        "tied": base.model["0.weight"],
+        "grid": grid,
+        "row_view": grid[2],  # a view into grid's storage at an offset
+        "transposed": grid.t(),
+        "strided": torch.arange(10, dtype=torch.int64)[::3],
+        "empty": torch.empty(0, 4),
+        "half": torch.linspace(-1, 1, 7).to(torch.bfloat16),
+        "flags": torch.tensor([True, False, True]),
+    }
+    return Checkpoint(
+        model=model,
+        optimizer=base.optimizer,
+        model_args={},
+        iter_num=3,
+        best_val_loss=0.5,
+        ema={key: value * 2 for key, value in base.model.items()},
+        rng_state=base.rng_state,
+    )
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Checkpoint, Path]:
+    checkpoint = _awkward(make_checkpoint(width=16))
+    path = tmp_path / "ckpt_last_00000003.pt"
+    with path.open("wb") as handle:
+        encode(checkpoint, handle)
+    return checkpoint, path
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_whole_load_by_path_equals_torch_load(saved: tuple[Checkpoint, Path], verify: bool) -> None:
+    checkpoint, path = saved
+    loaded = decode(path, source="ckpt", verify=verify)
+    plain = torch.load(path, weights_only=True)
+    for key, tensor in checkpoint.model.items():
+        assert torch.equal(loaded.model[key], tensor), key
+        assert loaded.model[key].stride() == plain["model"][key].stride(), key
+        assert loaded.model[key].storage_offset() == plain["model"][key].storage_offset(), key
+    assert loaded.ema is not None
+    assert all(torch.equal(loaded.ema[key], value) for key, value in (checkpoint.ema or {}).items())
+    assert torch.equal(loaded.optimizer["state"][0]["exp_avg"], checkpoint.optimizer["state"][0]["exp_avg"])
+    # shared storages stay shared, as torch.load keeps them
+    storage = loaded.model["grid"].untyped_storage().data_ptr()
+    assert loaded.model["row_view"].untyped_storage().data_ptr() == storage
+    assert loaded.model["transposed"].untyped_storage().data_ptr() == storage
+    assert loaded.model["tied"].data_ptr() == loaded.model["0.weight"].data_ptr()
+
+
+def test_the_result_does_not_depend_on_the_file(saved: tuple[Checkpoint, Path]) -> None:
+    checkpoint, path = saved
+    loaded = decode(path, source="ckpt")
+    path.write_bytes(b"\0" * path.stat().st_size)  # in place: a tensor still mapped from it would change
+    assert torch.equal(loaded.model["0.weight"], checkpoint.model["0.weight"])
+    assert torch.equal(loaded.optimizer["state"][0]["exp_avg_sq"], checkpoint.optimizer["state"][0]["exp_avg_sq"])
+
+
+def test_a_flipped_byte_is_found_by_the_digests_computed_while_reading(saved: tuple[Checkpoint, Path]) -> None:
+    checkpoint, path = saved
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(checkpoint.optimizer["state"][1]["exp_avg"].numpy().tobytes())
+    data[at + 2] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=r"ckpt is damaged: the bytes of tensor optimizer\.state\.1\.exp_avg"):
+        decode(path, source="ckpt")
+    assert decode(path, source="ckpt", verify=False).iter_num == 3
+
+
+def test_a_file_cut_inside_its_tensor_data_is_corrupt(saved: tuple[Checkpoint, Path]) -> None:
+    checkpoint, path = saved
+    data = path.read_bytes()
+    inside = data.index(checkpoint.model["0.weight"].numpy().tobytes()) + 10
+    for length in (inside, len(data) // 2, len(data) - 200):
+        path.write_bytes(data[:length])
+        with pytest.raises(CheckpointCorruptError, match="ckpt"):
+            decode(path, source="ckpt")
+
+
+def test_map_location_moves_every_tensor_and_keeps_sharing(saved: tuple[Checkpoint, Path]) -> None:
+    _, path = saved
+    loaded = decode(path, source="ckpt", map_location="meta")
+    assert {tensor.device.type for tensor in loaded.model.values()} == {"meta"}
+    assert loaded.model["grid"].shape == (4, 6)
+
+
+def test_a_file_of_the_other_byte_order_is_read_by_torchs_own_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch.save records sys.byteorder; torch.load swaps the bytes of a file from the other order, which
+    # a plain read into memory would not: such a file goes to torch's reader
+    other = "big" if sys.byteorder == "little" else "little"
+    checkpoint = make_checkpoint(width=4)
+    buffer = io.BytesIO()
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "byteorder", other)
+        encode(checkpoint, buffer)
+    path = tmp_path / "other.pt"
+    path.write_bytes(buffer.getvalue())
+    loaded = decode(path, source="other.pt", verify=False)
+    swapped = torch.load(path, weights_only=True)["model"]["0.weight"]
+    assert torch.equal(loaded.model["0.weight"], swapped)
+    assert not torch.equal(swapped, checkpoint.model["0.weight"])
