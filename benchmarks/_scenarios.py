@@ -239,10 +239,10 @@ def setup_ours_load(ctx: Context) -> tuple[Body, Callable[[], None]]:
     verify_s = [0.0]
     original = _codec.verify_sections
 
-    def timed_verify(*args: Any) -> None:
+    def timed_verify(*args: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
         try:
-            original(*args)
+            original(*args, **kwargs)
         finally:
             verify_s[0] += time.perf_counter() - start
 

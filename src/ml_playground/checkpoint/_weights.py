@@ -167,14 +167,14 @@ def read_weights(
     if first is not None:  # torch reads data/0's whole local header; it may be longer than usual
         fetched.ensure([(first.header_offset, data_offset(path, first, source))])
 
-    payload = _load(path, source)  # reads the pickle and the headers fetched; no tensor bytes
+    payload = _codec.load_mapped(path, source)  # reads the pickle and the headers fetched; no tensor bytes
     version = _codec._check_header(payload, source)
     by_pointer = match_storages(_storages(payload, payload.keys()), records, source)
     needed = {by_pointer[s.data_ptr()] for s in _storages(payload, _FETCHED) if s.nbytes() > 0}
     del payload
     fetched.ensure((record.header_offset, record.end) for record in needed)
 
-    payload = _load(path, source)  # the same pickle, now over the fetched bytes
+    payload = _codec.load_mapped(path, source)  # the same pickle, now over the fetched bytes
     _check_offsets(payload, records, path, source)
     if verify:
         _codec.verify_sections(payload, source, _VERIFIED)
@@ -182,10 +182,6 @@ def read_weights(
         payload = _codec.MIGRATIONS[version](payload)
         version += 1
     return _to_weights(payload, source, torch.device("cpu" if map_location is None else map_location))
-
-
-def _load(path: Path, source: str) -> Any:
-    return _codec.load_mapped(path, source)
 
 
 def _storages(payload: Mapping[str, Any], sections: Iterable[str]) -> list[torch.UntypedStorage]:
