@@ -31,7 +31,7 @@ import os
 import pickle
 import threading
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -41,7 +41,6 @@ from torch.utils.serialization import config as serialization_config
 
 from ml_playground.checkpoint import _digests
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, check_plain_tree
-from ml_playground.checkpoint._reader import Materialized, materialize, moved
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -244,13 +243,16 @@ def decode(
     """
     if mmap and not isinstance(data, Path):
         raise ValueError(f"mmap loading needs a local file path; {source} is a stream")
-    whole = _read_whole(data, source, verify) if isinstance(data, Path) and not mmap else None
-    payload = whole[0] if whole is not None else _load_payload(data, source, map_location, mmap)
+    # Verification reads the bytes as loaded: a payload bound for another device (or "meta", which has
+    # no bytes) is verified on the CPU first, then moved.
+    device = None if map_location is None else torch.device(map_location)
+    elsewhere = verify and device is not None and device.type != "cpu"
+    payload = _load_payload(data, source, "cpu" if elsewhere else map_location, mmap)
     version = _check_header(payload, source)
     if verify:
-        verify_sections(payload, source, digests=None if whole is None else whole[1])
-    if whole is not None and map_location is not None and torch.device(map_location).type != "cpu":
-        payload = moved(payload, torch.device(map_location))
+        verify_sections(payload, source)
+    if elsewhere and device is not None:
+        payload = on_device(payload, device)
     while version < FORMAT_VERSION:
         payload = MIGRATIONS[version](payload)
         version += 1
@@ -279,13 +281,23 @@ def load_mapped(path: Path, source: str) -> Any:
         return _load_payload(path, source, "cpu", True)
 
 
-def _read_whole(path: Path, source: str, verify: bool) -> Materialized | None:
-    """The payload of a local file with every tensor in memory of its own (``_reader``), hashed while read."""
-    mapped = load_mapped(path, source)
-    if not isinstance(mapped, dict):
-        return mapped, None  # not ours: _check_header says so
-    to_hash = (lambda payload: [t for _, _, t in _digests.tensors(_body(payload))]) if verify else None
-    return materialize(mapped, path, source, to_hash)
+def on_device(tree: Any, device: torch.device, copies: dict[int, torch.UntypedStorage] | None = None) -> Any:
+    """``tree`` with its tensors copied to ``device``, one copy per storage: shared storages stay shared
+    (also across calls that pass the same ``copies``)."""
+    copies = {} if copies is None else copies
+    if isinstance(tree, torch.Tensor):
+        storage = tree.untyped_storage()
+        if storage.data_ptr() not in copies:
+            as_bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
+            copies[storage.data_ptr()] = as_bytes.to(device=device, copy=True).untyped_storage()
+        return torch.empty(0, dtype=tree.dtype, device=device).set_(
+            copies[storage.data_ptr()], tree.storage_offset(), tree.size(), tree.stride()
+        )
+    if isinstance(tree, dict):
+        return type(tree)((key, on_device(value, device, copies)) for key, value in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_device(value, device, copies) for value in tree)
+    return tree
 
 
 def _body(payload: Payload) -> Payload:
@@ -358,18 +370,11 @@ def _check_header(payload: Any, source: str) -> int:
     return version
 
 
-def verify_sections(
-    payload: Payload,
-    source: str,
-    sections: Collection[str] = TENSOR_SECTIONS,
-    *,
-    digests: Sequence[bytes] | None = None,
-) -> None:
+def verify_sections(payload: Payload, source: str, sections: Collection[str] = TENSOR_SECTIONS) -> None:
     """Check ``payload``'s structure digest and the digests of the tensors in ``sections``; raise if damaged.
 
     A payload loaded with ``mmap=True`` is read only where it is hashed, so checking a subset reads only
     that subset's bytes (an evaluation checks the model and EMA weights, never the optimizer's).
-    ``digests`` are the tensors' digests when the caller computed them already (while reading them).
     """
     unknown = set(sections) - set(TENSOR_SECTIONS)
     if unknown:
@@ -390,11 +395,8 @@ def verify_sections(
     expected = _stored_digests(stored.get("tensors"), payload["format_version"])
     if expected is None or len(expected) != len(tensors):
         raise CheckpointCorruptError(f"{source} is damaged: its tensor checksums are incomplete")
-    actual = digests if digests is not None else [None] * len(tensors)
-    if len(actual) != len(tensors):
-        raise ValueError(f"{len(actual)} digests given for {len(tensors)} tensors")
-    for (section, path, tensor), want, got in zip(tensors, expected, actual, strict=True):
-        if section in sections and (got if got is not None else _digests.tensor_digest(tensor)) != want:
+    for (section, path, tensor), want in zip(tensors, expected, strict=True):
+        if section in sections and _digests.tensor_digest(tensor) != want:
             raise CheckpointCorruptError(
                 f"{source} is damaged: the bytes of tensor {path} do not match their checksum. "
                 "Delete it, or restore it from a copy."

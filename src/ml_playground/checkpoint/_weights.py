@@ -217,8 +217,8 @@ def _to_weights(payload: Mapping[str, Any], source: str, device: torch.device) -
         if payload["ema"] is not None:
             _check_state_dict("ema", payload["ema"])
         return ModelWeights(
-            model=_copied(payload["model"], copies, device),
-            ema=None if payload["ema"] is None else _copied(payload["ema"], copies, device),
+            model=_codec.on_device(payload["model"], device, copies),
+            ema=None if payload["ema"] is None else _codec.on_device(payload["ema"], device, copies),
             iter_num=meta["iter_num"],
             best_val_loss=meta["best_val_loss"],
             model_args=meta["model_args"],
@@ -227,19 +227,3 @@ def _to_weights(payload: Mapping[str, Any], source: str, device: torch.device) -
         )
     except CheckpointSchemaError as exc:
         raise CheckpointSchemaError(f"{source}: {exc}") from None
-
-
-def _copied(
-    state: Mapping[str, torch.Tensor], copies: dict[int, torch.UntypedStorage], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """``state``'s tensors in memory of their own on ``device`` (off the mapped file); shared storages stay shared."""
-    out = {}
-    for key, tensor in state.items():
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in copies:
-            as_bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
-            copies[storage.data_ptr()] = as_bytes.to(device=device, copy=True).untyped_storage()
-        out[key] = torch.empty(0, dtype=tensor.dtype, device=device).set_(
-            copies[storage.data_ptr()], tensor.storage_offset(), tensor.size(), tensor.stride()
-        )
-    return out

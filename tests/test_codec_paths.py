@@ -1,6 +1,7 @@
-"""Whole loads of a local file (``decode(path)``): every storage read into memory of its own, digests computed
-while reading (``checkpoint/_reader.py``). The result must equal what ``torch.load`` returns, views and
-shared storages included, and must not depend on the file afterwards."""
+"""Whole loads of a local file (``decode(path)``, what every local load and a remote store's local copy use).
+
+The result must equal what ``torch.load`` returns, views and shared storages included, must not depend on
+the file afterwards, and damage anywhere in the tensor data must be an error naming the tensor."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_the_result_does_not_depend_on_the_file(saved: tuple[Checkpoint, Path]) 
     assert torch.equal(loaded.optimizer["state"][0]["exp_avg_sq"], checkpoint.optimizer["state"][0]["exp_avg_sq"])
 
 
-def test_a_flipped_byte_is_found_by_the_digests_computed_while_reading(saved: tuple[Checkpoint, Path]) -> None:
+def test_a_flipped_optimizer_byte_is_found_and_named(saved: tuple[Checkpoint, Path]) -> None:
     checkpoint, path = saved
     data = bytearray(path.read_bytes())
     at = bytes(data).index(checkpoint.optimizer["state"][1]["exp_avg"].numpy().tobytes())
@@ -108,11 +109,11 @@ def test_map_location_moves_every_tensor_and_keeps_sharing(saved: tuple[Checkpoi
     assert loaded.model["grid"].shape == (4, 6)
 
 
-def test_a_file_of_the_other_byte_order_is_read_by_torchs_own_reader(
+def test_a_file_of_the_other_byte_order_loads_as_torch_load_reads_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # torch.save records sys.byteorder; torch.load swaps the bytes of a file from the other order, which
-    # a plain read into memory would not: such a file goes to torch's reader
+    # torch.save records sys.byteorder and torch.load swaps the bytes of a file from the other order;
+    # a reader of our own that copied the bytes as they are would load other values
     other = "big" if sys.byteorder == "little" else "little"
     checkpoint = make_checkpoint(width=4)
     buffer = io.BytesIO()
@@ -125,3 +126,15 @@ def test_a_file_of_the_other_byte_order_is_read_by_torchs_own_reader(
     swapped = torch.load(path, weights_only=True)["model"]["0.weight"]
     assert torch.equal(loaded.model["0.weight"], swapped)
     assert not torch.equal(swapped, checkpoint.model["0.weight"])
+
+
+@pytest.mark.parametrize("model", [{}, {"empty": torch.empty(0, 3)}], ids=["no-tensors", "an-empty-tensor"])
+def test_a_checkpoint_with_no_tensor_bytes_loads_by_path(tmp_path: Path, model: dict[str, torch.Tensor]) -> None:
+    checkpoint = Checkpoint(model=model, optimizer={}, model_args={}, iter_num=1, best_val_loss=1.0)
+    path = tmp_path / "ckpt.pt"
+    with path.open("wb") as handle:
+        encode(checkpoint, handle)
+    loaded = decode(path, source="ckpt")
+    assert {key: tuple(value.shape) for key, value in loaded.model.items()} == {
+        k: tuple(v.shape) for k, v in model.items()
+    }
