@@ -6,14 +6,13 @@
 """
 
 from ml_playground.checkpoint._async import AsyncCheckpointSaver, CheckpointSaver, SyncCheckpointSaver, open_saver
-from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint
+from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, ModelWeights
 from ml_playground.checkpoint._codec import decode, encode
 from ml_playground.checkpoint._lease import WriterLease
 from ml_playground.checkpoint._manager import CheckpointInfo, CheckpointManager, MetricMode, improves
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName
 from ml_playground.checkpoint._rotation import KeepPolicy, to_delete
 from ml_playground.checkpoint._store import CheckpointStore, StoredObject
-from ml_playground.checkpoint._weights import ModelWeights
 from ml_playground.checkpoint.stores import FileOps, LocalStore, open_store
 
 __all__ = [

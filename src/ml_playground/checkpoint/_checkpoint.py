@@ -11,7 +11,7 @@ import torch
 
 from ml_playground.errors import CheckpointSchemaError
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "PlainData", "StateDict", "check_plain_tree"]
+__all__ = ["FORMAT_VERSION", "Checkpoint", "ModelWeights", "PlainData", "StateDict", "check_plain_tree"]
 
 FORMAT_VERSION = 2
 """The version this package writes. Older versions load through migrations; newer ones are refused."""
@@ -44,18 +44,9 @@ class Checkpoint:
     data_state: Mapping[str, PlainData] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.iter_num, bool) or not isinstance(self.iter_num, int) or self.iter_num < 0:
-            raise CheckpointSchemaError(f"iter_num must be an int >= 0, got {self.iter_num!r}")
-        if isinstance(self.best_val_loss, bool) or not isinstance(self.best_val_loss, (int, float)):
-            raise CheckpointSchemaError(f"best_val_loss must be a float, got {self.best_val_loss!r}")
-        object.__setattr__(self, "best_val_loss", float(self.best_val_loss))
-        _check_state_dict("model", self.model)
+        _check_weights_and_metadata(self)
         _check_state_dict("rng_state", self.rng_state)
-        if self.ema is not None:
-            _check_state_dict("ema", self.ema)
         check_plain_tree("optimizer", self.optimizer, tensors_allowed=True)
-        for name in ("model_args", "config", "data_state"):
-            check_plain_tree(name, getattr(self, name), tensors_allowed=False)
 
     @property
     def has_ema(self) -> bool:
@@ -64,6 +55,53 @@ class Checkpoint:
     @property
     def has_finite_metric(self) -> bool:
         return math.isfinite(self.best_val_loss)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ModelWeights:
+    """What sampling and evaluation need from a checkpoint: no optimizer state, no RNG state."""
+
+    model: StateDict
+    model_args: Mapping[str, PlainData]
+    iter_num: int
+    best_val_loss: float
+    config: Mapping[str, PlainData] = field(default_factory=dict)
+    ema: StateDict | None = None
+    data_state: Mapping[str, PlainData] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_weights_and_metadata(self)
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> ModelWeights:
+        """The weights of a fully loaded checkpoint (its tensors shared, not copied)."""
+        return cls(
+            model=checkpoint.model,
+            model_args=checkpoint.model_args,
+            iter_num=checkpoint.iter_num,
+            best_val_loss=checkpoint.best_val_loss,
+            config=checkpoint.config,
+            ema=checkpoint.ema,
+            data_state=checkpoint.data_state,
+        )
+
+    @property
+    def has_ema(self) -> bool:
+        return self.ema is not None
+
+
+def _check_weights_and_metadata(state: Checkpoint | ModelWeights) -> None:
+    """The checks a checkpoint and its weights share; ``best_val_loss`` becomes a float."""
+    if isinstance(state.iter_num, bool) or not isinstance(state.iter_num, int) or state.iter_num < 0:
+        raise CheckpointSchemaError(f"iter_num must be an int >= 0, got {state.iter_num!r}")
+    if isinstance(state.best_val_loss, bool) or not isinstance(state.best_val_loss, (int, float)):
+        raise CheckpointSchemaError(f"best_val_loss must be a float, got {state.best_val_loss!r}")
+    object.__setattr__(state, "best_val_loss", float(state.best_val_loss))
+    _check_state_dict("model", state.model)
+    if state.ema is not None:
+        _check_state_dict("ema", state.ema)
+    for name in ("model_args", "config", "data_state"):
+        check_plain_tree(name, getattr(state, name), tensors_allowed=False)
 
 
 def _check_state_dict(name: str, state: object) -> None:

@@ -459,13 +459,19 @@ def _structure_tokens(tree: Any) -> Iterator[str]:
         yield f"{type(tree).__name__}:{tree!r};"
 
 
-def _to_checkpoint(payload: Payload, source: str) -> Checkpoint:
+def checked_meta(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The payload's ``meta`` table, with every field a checkpoint's metadata needs."""
     meta = payload["meta"]
     if not isinstance(meta, dict):
         raise CheckpointSchemaError(f"{source}: meta must be a table, got {type(meta).__name__}")
     missing = {"iter_num", "best_val_loss", "model_args", "config", "data_state"} - meta.keys()
     if missing:
         raise CheckpointSchemaError(f"{source} lacks the field(s) {', '.join(sorted('meta.' + m for m in missing))}")
+    return meta
+
+
+def _to_checkpoint(payload: Payload, source: str) -> Checkpoint:
+    meta = checked_meta(payload, source)
     try:
         return Checkpoint(
             model=payload["model"],

@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from ml_playground.checkpoint._checkpoint import Checkpoint
+from ml_playground.checkpoint._checkpoint import Checkpoint, ModelWeights
 from ml_playground.checkpoint._codec import Source, decode
 from ml_playground.checkpoint._codec import verify as verify_source
 from ml_playground.checkpoint._naming import CheckpointName, format_metric
 from ml_playground.checkpoint._store import CheckpointStore, LocalCopyStore, LocalPathStore
-from ml_playground.checkpoint._weights import MapLocation, ModelWeights, read_weights, weights_source
+from ml_playground.checkpoint._weights import MapLocation, read_weights, weights_source
 from ml_playground.errors import CheckpointError, CheckpointSchemaError
 
 __all__ = ["MapLocation", "load_checkpoint", "load_weights", "verify_checkpoint"]

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from ml_playground.checkpoint._checkpoint import Checkpoint
+from ml_playground.checkpoint._checkpoint import Checkpoint, ModelWeights
 from ml_playground.checkpoint._codec import encode
 from ml_playground.checkpoint._lease import DEFAULT_TTL, Lease, WriterLease
 from ml_playground.checkpoint._loading import MapLocation, load_checkpoint, load_weights, verify_checkpoint
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, is_checkpoint_like
 from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
 from ml_playground.checkpoint._store import CheckpointStore
-from ml_playground.checkpoint._weights import ModelWeights
 from ml_playground.checkpoint.stores._local import LocalStore
 from ml_playground.errors import (
     CheckpointError,

@@ -24,21 +24,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ml_playground.checkpoint import _codec, _digests
-from ml_playground.checkpoint._checkpoint import (
-    FORMAT_VERSION,
-    Checkpoint,
-    PlainData,
-    StateDict,
-    _check_state_dict,
-    check_plain_tree,
-)
+from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, ModelWeights, _check_state_dict
 from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore, PartialCopy, PartialCopyStore
 from ml_playground.checkpoint._zip_layout import (
     TAIL,
@@ -52,54 +44,12 @@ from ml_playground.checkpoint._zip_layout import (
 )
 from ml_playground.errors import CheckpointCorruptError, CheckpointSchemaError
 
-__all__ = ["MapLocation", "ModelWeights", "read_weights", "weights_source"]
+__all__ = ["MapLocation", "read_weights", "weights_source"]
 
 MapLocation = torch.device | str | None
 
 _VERIFIED = ("model", "ema")
 _FETCHED = ("model", "ema", "integrity")  # from format version 2 the digests are a tensor of their own
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class ModelWeights:
-    """What sampling and evaluation need from a checkpoint: no optimizer state, no RNG state."""
-
-    model: StateDict
-    model_args: Mapping[str, PlainData]
-    iter_num: int
-    best_val_loss: float
-    config: Mapping[str, PlainData] = field(default_factory=dict)
-    ema: StateDict | None = None
-    data_state: Mapping[str, PlainData] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.iter_num, bool) or not isinstance(self.iter_num, int) or self.iter_num < 0:
-            raise CheckpointSchemaError(f"iter_num must be an int >= 0, got {self.iter_num!r}")
-        if isinstance(self.best_val_loss, bool) or not isinstance(self.best_val_loss, (int, float)):
-            raise CheckpointSchemaError(f"best_val_loss must be a float, got {self.best_val_loss!r}")
-        object.__setattr__(self, "best_val_loss", float(self.best_val_loss))
-        _check_state_dict("model", self.model)
-        if self.ema is not None:
-            _check_state_dict("ema", self.ema)
-        for name in ("model_args", "config", "data_state"):
-            check_plain_tree(name, getattr(self, name), tensors_allowed=False)
-
-    @classmethod
-    def of(cls, checkpoint: Checkpoint) -> ModelWeights:
-        """The weights of a fully loaded checkpoint (its tensors shared, not copied)."""
-        return cls(
-            model=checkpoint.model,
-            model_args=checkpoint.model_args,
-            iter_num=checkpoint.iter_num,
-            best_val_loss=checkpoint.best_val_loss,
-            config=checkpoint.config,
-            ema=checkpoint.ema,
-            data_state=checkpoint.data_state,
-        )
-
-    @property
-    def has_ema(self) -> bool:
-        return self.ema is not None
 
 
 class _LocalFile:
@@ -205,12 +155,7 @@ def _check_offsets(payload: Mapping[str, Any], records: list[Record], path: Path
 
 
 def _to_weights(payload: Mapping[str, Any], source: str, device: torch.device) -> ModelWeights:
-    meta = payload["meta"]
-    if not isinstance(meta, dict):
-        raise CheckpointSchemaError(f"{source}: meta must be a table, got {type(meta).__name__}")
-    missing = {"iter_num", "best_val_loss", "model_args", "config", "data_state"} - meta.keys()
-    if missing:
-        raise CheckpointSchemaError(f"{source} lacks the field(s) {', '.join(sorted('meta.' + m for m in missing))}")
+    meta = _codec.checked_meta(payload, source)
     copies: dict[int, torch.UntypedStorage] = {}
     try:
         _check_state_dict("model", payload["model"])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_playground.checkpoint._store import PartialCopy
-from ml_playground.checkpoint.stores._s3_download import fetch_ranges, head, split
+from ml_playground.checkpoint.stores._s3_download import fetch_ranges, head, sized_temp_file, split
 from ml_playground.checkpoint.stores._translate import translated
 from ml_playground.errors import StorageError
 
@@ -97,16 +97,8 @@ def partial_copy(
         logger.info("%s is nearly full: loading all of %s instead of its weights", directory, url)
         yield None
         return
-    fd, name = tempfile.mkstemp(prefix="ml_playground-weights-", dir=directory)
-    path = Path(name)
-    try:
-        try:
-            os.truncate(fd, size)
-        finally:
-            os.close(fd)
+    with sized_temp_file("ml_playground-weights-", size) as path:
         yield SparseCopy(path, size, url, fetcher)
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def _cat_into(fs: Any, url: str, path: Path, pieces: list[tuple[int, int]], batch: int) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from ml_playground.checkpoint.stores._translate import error_code, translate, translated
 from ml_playground.errors import CheckpointError, StorageError
 
-__all__ = ["ObjectId", "downloaded", "fetch_ranges", "head", "split"]
+__all__ = ["ObjectId", "downloaded", "fetch_ranges", "head", "sized_temp_file", "split"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +63,21 @@ def downloaded(fs: Any, url: str, *, range_size: int, max_concurrency: int) -> I
         logger.info("%s has %d MiB free, too little for %s: streaming it instead", directory, free >> 20, url)
         yield None
         return
-    fd, name = tempfile.mkstemp(prefix="ml_playground-load-", dir=directory)
+    with sized_temp_file("ml_playground-load-", size) as path:
+        fetch_ranges(fs, url, object_id, path, split([(0, size)], range_size), max_concurrency)
+        yield path
+
+
+@contextlib.contextmanager
+def sized_temp_file(prefix: str, size: int) -> Iterator[Path]:
+    """A new temporary file of ``size`` bytes (a hole until written) in ``TMPDIR``, deleted on exit."""
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=tempfile.gettempdir())
     path = Path(name)
     try:
         try:
             os.truncate(fd, size)
         finally:
             os.close(fd)
-        fetch_ranges(fs, url, object_id, path, split([(0, size)], range_size), max_concurrency)
         yield path
     finally:
         path.unlink(missing_ok=True)
