@@ -13,7 +13,7 @@ import pytest
 import torch
 import xxhash
 
-from ml_playground.checkpoint import FORMAT_VERSION, Checkpoint, decode, encode
+from ml_playground.checkpoint import FORMAT_VERSION, Checkpoint, _digests, decode, encode
 from ml_playground.checkpoint._codec import FORMAT_MAGIC, MIGRATIONS, verify_sections
 from ml_playground.errors import (
     CheckpointCorruptError,
@@ -210,18 +210,78 @@ def _record(archive: bytes, info: zipfile.ZipInfo) -> bytes:
     return archive[start : start + info.file_size]
 
 
-def test_a_failed_write_stops_the_digest_thread() -> None:
-    class FullDisk(io.RawIOBase):
+class _FailingAfter(io.RawIOBase):
+    """A stream whose write number ``fail_at`` (counting from 0) fails with ENOSPC."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.writes = fail_at, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        if self.writes == self.fail_at:
+            raise OSError(28, "No space left on device")
+        self.writes += 1
+        return len(data)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fail_at", [0, 3, 30])
+def test_a_failed_write_stops_the_digest_thread(fail_at: int) -> None:
+    before = set(threading.enumerate())
+    with pytest.raises(OSError, match="No space left"):
+        encode(make_checkpoint(width=64), _FailingAfter(fail_at))  # type: ignore[arg-type]
+    assert set(threading.enumerate()) == before
+
+
+def test_a_failure_in_the_digest_thread_fails_the_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(tensor: torch.Tensor) -> bytes:
+        raise MemoryError("no memory for a contiguous copy")
+
+    monkeypatch.setattr(_digests, "tensor_digest", broken)
+    with pytest.raises(MemoryError, match="contiguous copy"):
+        _encoded(make_checkpoint())
+
+
+def test_a_digest_record_written_in_pieces_abandons_the_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a torch whose writer split records into several writes would leave the placeholder in the file:
+    # the save must fail rather than write a checkpoint without its digests
+    real_save = torch.save
+
+    def save_in_pieces(obj: object, stream: io.RawIOBase) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        data = buffer.getvalue()
+        for start in range(0, len(data), 5):
+            stream.write(data[start : start + 5])
+
+    monkeypatch.setattr(torch, "save", save_in_pieces)
+    with pytest.raises(CheckpointError, match=r"saving mem/ckpt\.pt was abandoned.*integrity record"):
+        encode(make_checkpoint(), io.BytesIO(), destination="mem/ckpt.pt")
+
+
+def test_crc32_is_off_only_until_torch_opens_its_writer() -> None:
+    # torch.set_crc32_options is process-global: a slow save (a long upload) must not keep it off for others
+    reached, release = threading.Event(), threading.Event()
+
+    class SlowUpload(io.RawIOBase):
         def writable(self) -> bool:
             return True
 
         def write(self, data: object) -> int:
-            raise OSError(28, "No space left on device")
+            reached.set()
+            release.wait(timeout=30)
+            return len(data)  # type: ignore[arg-type]
 
-    before = {thread.name for thread in threading.enumerate()}
-    with pytest.raises(OSError, match="No space left"):
-        encode(make_checkpoint(), FullDisk())  # type: ignore[arg-type]
-    assert {thread.name for thread in threading.enumerate()} == before
+    saver = threading.Thread(target=encode, args=(make_checkpoint(), SlowUpload()))
+    saver.start()
+    try:
+        assert reached.wait(timeout=30)
+        assert torch.serialization.get_crc32_options() is True
+    finally:
+        release.set()
+        saver.join(timeout=30)
+    assert not saver.is_alive()
 
 
 _V1_FILE = Path(__file__).parent / "data" / "format_v1.pt"

@@ -102,7 +102,7 @@ def test_a_file_cut_inside_its_tensor_data_is_corrupt(saved: tuple[Checkpoint, P
             decode(path, source="ckpt")
 
 
-def test_map_location_moves_every_tensor_and_keeps_sharing(saved: tuple[Checkpoint, Path]) -> None:
+def test_a_verified_load_to_the_meta_device_verifies_first_then_moves(saved: tuple[Checkpoint, Path]) -> None:
     _, path = saved
     loaded = decode(path, source="ckpt", map_location="meta")
     assert {tensor.device.type for tensor in loaded.model.values()} == {"meta"}
@@ -113,7 +113,7 @@ def test_a_file_of_the_other_byte_order_loads_as_torch_load_reads_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # torch.save records sys.byteorder and torch.load swaps the bytes of a file from the other order;
-    # a reader of our own that copied the bytes as they are would load other values
+    # (a reader that copied the bytes as they lie in the file, without swapping, would load other values)
     other = "big" if sys.byteorder == "little" else "little"
     checkpoint = make_checkpoint(width=4)
     buffer = io.BytesIO()

@@ -192,3 +192,29 @@ def test_a_format_version_1_file_loads_weights_only(tmp_path: Path, make: object
     for section, state in (("model", weights.model), ("ema", weights.ema)):
         assert state.keys() == raw[section].keys()
         assert all(torch.equal(state[key], raw[section][key]) for key in state)
+
+
+@pytest.mark.parametrize("make", [_local, _memory], ids=["local", "memory"])
+@pytest.mark.parametrize("where", [0x7FFFFFF0, 0xFFFFFFF0], ids=["past-the-end", "far-past-the-end"])
+def test_a_zip_directory_said_to_start_past_the_end_is_corrupt(tmp_path: Path, make: object, where: int) -> None:
+    manager = make(tmp_path)  # type: ignore[operator]
+    name = manager.save_last(make_checkpoint(3, width=16)).filename
+    with manager.store.open(name) as stream:
+        blob = bytearray(stream.read())
+    assert blob[-22:-18] == b"PK\x05\x06"  # torch writes no archive comment: the EOCD ends the file
+    blob[-6:-2] = where.to_bytes(4, "little")  # the EOCD's "start of the central directory"
+    manager.store.delete(name)
+    with manager.store.write(name) as stream:
+        stream.write(bytes(blob))
+    with pytest.raises(CheckpointCorruptError, match=rf"{name}"):
+        manager.load_weights(name)
+
+
+def test_a_verified_weights_load_to_the_meta_device(tmp_path: Path) -> None:
+    manager = _memory(tmp_path)
+    name = manager.save_last(make_checkpoint(3, width=16, ema=True))
+    assert name is not None
+    weights = manager.load_weights(name.filename, map_location="meta")  # verified on the CPU, then moved
+    assert {tensor.device.type for tensor in weights.model.values()} == {"meta"}
+    assert weights.ema is not None
+    assert {tensor.device.type for tensor in weights.ema.values()} == {"meta"}

@@ -16,7 +16,7 @@ Speed (docs/performance.md): ``torch.save``'s zip writer computes a CRC32 of eve
 whole extra pass over the tensor bytes that ``torch.load`` never checks; our xxh3 digests are the check,
 so ``encode`` turns that CRC off for its own ``torch.save`` call (the records' CRC fields then read 0;
 ``torch.load`` is unaffected, ``unzip -t`` would complain). The digests are computed by a second thread
-while ``torch.save`` writes the tensors: they are a tensor, the archive's last record, so they are
+while ``torch.save`` writes the tensors: they are a tensor, the archive's last tensor record, so they are
 needed only at the end of the write (version 1 kept them as hex strings inside ``data.pkl``, the first
 record, which made the hashing a pass of its own before the write). The section order (model and EMA
 first, the optimizer last) keeps the weights an evaluation needs in one run of bytes near the file's
@@ -98,8 +98,8 @@ MIGRATIONS: dict[int, Callable[[Payload], Payload]] = {1: _v1_to_v2}
 """``MIGRATIONS[v]`` turns a verified payload of format version ``v`` into version ``v + 1``."""
 
 
-def encode(checkpoint: Checkpoint, stream: IO[bytes]) -> None:
-    """Write ``checkpoint`` to ``stream`` (which need not be seekable)."""
+def encode(checkpoint: Checkpoint, stream: IO[bytes], *, destination: str = "the stream") -> None:
+    """Write ``checkpoint`` to ``stream`` (which need not be seekable); ``destination`` names it in errors."""
     body: Payload = {
         "format": FORMAT_MAGIC,
         "format_version": FORMAT_VERSION,
@@ -116,17 +116,19 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes]) -> None:
         "optimizer": dict(checkpoint.optimizer),
     }
     tensors = [tensor for _, _, tensor in _digests.tensors(body)]
-    with _DigestThread(tensors) as digests:
+    with _DigestThread(tensors) as digests, contextlib.ExitStack() as crc_off:
         # The digest tensor starts as random bytes that no other record of the archive can equal; the
         # sink recognises that record when torch writes it (last) and writes the digests in its place.
         # (os.urandom, not torch's generator: a save must not move the training's RNG state)
         placeholder = os.urandom(len(tensors) * _DIGEST_SIZE)
         rows = torch.tensor(list(placeholder), dtype=torch.uint8).reshape(len(tensors), _DIGEST_SIZE)
         payload = {**body, "integrity": {**_structure_record(body), "tensors": rows}}
-        sink = _ErrorKeepingSink(stream, placeholder, digests.result)
+        crc_off.enter_context(_crc32_off())
+        # torch reads the CRC switch once, when it opens its zip writer, before its first write: the switch
+        # goes back at that first write, so other threads' saves neither wait for ours nor lose their CRCs
+        sink = _ErrorKeepingSink(stream, placeholder, digests.result, on_first_write=crc_off.close)
         try:
-            with _crc32_off():
-                torch.save(payload, cast(IO[bytes], sink))  # torch only calls write() and flush()
+            torch.save(payload, cast(IO[bytes], sink))  # torch only calls write() and flush()
         except BaseException as exc:
             if sink.error is not None and sink.error is not exc:
                 raise sink.error from None  # torch.save reports it as RuntimeError("unexpected pos ...")
@@ -135,8 +137,8 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes]) -> None:
             raise sink.error
         if tensors and not sink.replaced:
             raise CheckpointError(
-                "the checkpoint's integrity record was not written as one piece by this torch version's "
-                f"writer (torch {torch.__version__}); the save was abandoned. Report this to ml_playground."
+                f"saving {destination} was abandoned: this torch version's writer (torch {torch.__version__}) did "
+                "not write the checkpoint's integrity record as one piece. Report this to ml_playground."
             )
 
 
@@ -188,10 +190,17 @@ class _ErrorKeepingSink:
     writer hands over an uncompressed record in one write, straight from the tensor's memory).
     """
 
-    def __init__(self, stream: IO[bytes], placeholder: bytes, digests: Callable[[], bytes]) -> None:
+    def __init__(
+        self,
+        stream: IO[bytes],
+        placeholder: bytes,
+        digests: Callable[[], bytes],
+        on_first_write: Callable[[], object],
+    ) -> None:
         self._stream = stream
         self._placeholder = placeholder
         self._digests = digests
+        self._on_first_write: Callable[[], object] | None = on_first_write
         self.replaced = False
         self.error: BaseException | None = None
 
@@ -199,6 +208,10 @@ class _ErrorKeepingSink:
         if self.error is not None:
             raise self.error
         try:
+            first = self._on_first_write
+            if first is not None:
+                self._on_first_write = None
+                first()
             if not self.replaced and len(data) == len(self._placeholder) and bytes(data) == self._placeholder:
                 self.replaced = True
                 digests = self._digests()
@@ -215,9 +228,9 @@ class _ErrorKeepingSink:
 
 @contextlib.contextmanager
 def _crc32_off() -> Iterator[None]:
-    # The switch is process-global: every save of ours holds one lock while it is off and restores the
-    # previous value, so two concurrent saves of ours never flip it under each other. A plain torch.save
-    # that another thread runs at the same moment writes zero CRC fields too; torch.load ignores them.
+    # The switch is process-global: a save of ours holds one lock while it is off (until torch has opened
+    # its writer) and restores the previous value, so two saves of ours never flip it under each other. A
+    # plain torch.save another thread starts in that moment writes zero CRC fields; torch.load ignores them.
     with _CRC32_SWITCH:
         previous = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)

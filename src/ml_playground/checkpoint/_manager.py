@@ -170,7 +170,7 @@ class CheckpointManager:
                     f"iteration {newest}: a run never goes back in time. Use a new out_dir for a new run."
                 )
             with self.store.write(name.filename) as stream:
-                encode(checkpoint, stream)
+                encode(checkpoint, stream, destination=f"{self.store.url}/{name.filename}")
             self._seen(added=name)
         logger.info("saved %s/%s", self.store.url, name.filename)
         try:

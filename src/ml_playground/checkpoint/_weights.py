@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ml_playground.checkpoint import _codec, _digests
-from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, ModelWeights, _check_state_dict
+from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, ModelWeights
 from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore, PartialCopy, PartialCopyStore
 from ml_playground.checkpoint._zip_layout import (
     TAIL,
@@ -42,7 +42,7 @@ from ml_playground.checkpoint._zip_layout import (
     match_storages,
     read_records,
 )
-from ml_playground.errors import CheckpointCorruptError, CheckpointSchemaError
+from ml_playground.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointSchemaError
 
 __all__ = ["MapLocation", "read_weights", "weights_source"]
 
@@ -105,6 +105,13 @@ def read_weights(
     copy: PartialCopy, *, source: str, map_location: MapLocation = None, verify: bool = True
 ) -> ModelWeights:
     """Fetch into ``copy`` what the model and EMA need, check it, and return the weights (module docstring)."""
+    try:
+        return _read_weights(copy, source, map_location, verify)
+    except FileNotFoundError:  # a local file rotated away while it was read
+        raise CheckpointNotFoundError(f"no checkpoint {source}") from None
+
+
+def _read_weights(copy: PartialCopy, source: str, map_location: MapLocation, verify: bool) -> ModelWeights:
     fetched = _Fetched(copy)
     path, size = copy.path, copy.size
     fetched.ensure([(max(0, size - TAIL), size)])
@@ -126,6 +133,10 @@ def read_weights(
 
     payload = _codec.load_mapped(path, source)  # the same pickle, now over the fetched bytes
     _check_offsets(payload, records, path, source)
+    # the weights are copied off the file first, and the copies are what is verified and returned
+    copies: dict[int, torch.UntypedStorage] = {}
+    weights = {section: _codec.on_device(payload[section], torch.device("cpu"), copies) for section in _VERIFIED}
+    payload = {**payload, **weights}
     if verify:
         _codec.verify_sections(payload, source, _VERIFIED)
     while version < FORMAT_VERSION:
@@ -148,22 +159,25 @@ def _check_offsets(payload: Mapping[str, Any], records: list[Record], path: Path
     needed = sorted((s.data_ptr(), by_pointer[s.data_ptr()]) for s in _storages(payload, _FETCHED) if s.nbytes() > 0)
     if not needed:
         return
-    base = needed[0][0] - data_offset(path, needed[0][1], source)
+    # the mapping's base, from the first storage record: torch read its local header, we fetched it
+    first = min(by_pointer)
+    base = first - data_offset(path, by_pointer[first], source)
     for pointer, record in needed:
         if pointer - base != data_offset(path, record, source):
             raise CheckpointCorruptError(f"{source}: tensor data of {record.name} is not where its zip record says")
 
 
 def _to_weights(payload: Mapping[str, Any], source: str, device: torch.device) -> ModelWeights:
+    """The weights (already copied off the file, on the CPU) as ``ModelWeights`` on ``device``."""
     meta = _codec.checked_meta(payload, source)
-    copies: dict[int, torch.UntypedStorage] = {}
+    model, ema = payload["model"], payload["ema"]
+    if device.type != "cpu":
+        copies: dict[int, torch.UntypedStorage] = {}
+        model, ema = (_codec.on_device(state, device, copies) for state in (model, ema))
     try:
-        _check_state_dict("model", payload["model"])
-        if payload["ema"] is not None:
-            _check_state_dict("ema", payload["ema"])
         return ModelWeights(
-            model=_codec.on_device(payload["model"], device, copies),
-            ema=None if payload["ema"] is None else _codec.on_device(payload["ema"], device, copies),
+            model=model,
+            ema=ema,
             iter_num=meta["iter_num"],
             best_val_loss=meta["best_val_loss"],
             model_args=meta["model_args"],

@@ -69,12 +69,13 @@ def directory_start(path: Path, size: int, source: str) -> int:
         start = max(0, size - TAIL)
         handle.seek(start)
         tail = handle.read()
-        at = tail.rfind(_EOCD)
+        # torch writes no archive comment, so the EOCD ends the file; search only if it does not
+        at = len(tail) - 22 if tail[-22:-18] == _EOCD else tail.rfind(_EOCD)
         if at < 0 or len(tail) - at < 22:
             raise CheckpointCorruptError(f"{source} is not a zip archive (no end of central directory)")
         (offset,) = struct.unpack_from("<I", tail, at + 16)
         if offset != 0xFFFFFFFF:
-            return int(offset)
+            return _within(int(offset), size, source)
         locator = at - 20
         if locator < 0 or tail[locator : locator + 4] != _ZIP64_LOCATOR:
             raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
@@ -84,7 +85,15 @@ def directory_start(path: Path, size: int, source: str) -> int:
     if zip64[:4] != _ZIP64_EOCD:
         raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
     (offset,) = struct.unpack_from("<Q", zip64, 48)
-    return int(offset)
+    return _within(int(offset), size, source)
+
+
+def _within(directory: int, size: int, source: str) -> int:
+    if not 0 <= directory < size:
+        raise CheckpointCorruptError(
+            f"{source} is damaged: its zip directory is said to start at byte {directory} of {size}"
+        )
+    return directory
 
 
 def read_records(path: Path, directory: int, source: str) -> list[Record]:
@@ -99,7 +108,7 @@ def read_records(path: Path, directory: int, source: str) -> list[Record]:
         Record(info.filename, info.header_offset, info.file_size, end) for info, end in zip(infos, ends, strict=True)
     ]
     if any(record.header_offset + record.size > record.end for record in records):
-        raise CheckpointCorruptError(f"{source} has a zip directory whose records overlap")
+        raise CheckpointCorruptError(f"{source} has a zip directory whose records overlap or lie past its end")
     return records
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from ml_playground.checkpoint._store import PartialCopy
 from ml_playground.checkpoint.stores._s3_download import fetch_ranges, head, sized_temp_file, split
 from ml_playground.checkpoint.stores._translate import translated
-from ml_playground.errors import StorageError
+from ml_playground.errors import CheckpointCorruptError, StorageError
 
 __all__ = ["partial_copy"]
 
@@ -55,7 +55,10 @@ class SparseCopy:
         wanted = [(start, end) for start, end in ranges if start < end]
         for start, end in wanted:
             if start < 0 or end > self._size:
-                raise ValueError(f"bytes {start}-{end - 1} are outside {self._url} ({self._size} bytes)")
+                raise CheckpointCorruptError(
+                    f"{self._url} is damaged: its zip records point at bytes {start}-{end - 1}, "
+                    f"outside its {self._size} bytes"
+                )
         if not wanted:
             return
         total = sum(end - start for start, end in wanted)
