@@ -218,3 +218,22 @@ def test_a_verified_weights_load_to_the_meta_device(tmp_path: Path) -> None:
     assert {tensor.device.type for tensor in weights.model.values()} == {"meta"}
     assert weights.ema is not None
     assert {tensor.device.type for tensor in weights.ema.values()} == {"meta"}
+
+
+class RotatedWhileOpening(LocalStore):
+    """A local store whose file disappears right after the load found it (rotation in another process)."""
+
+    def local_path(self, name: str) -> Path:
+        path = super().local_path(name)
+        path.unlink()
+        return path
+
+
+def test_a_local_file_rotated_away_during_a_weights_load_is_not_found(tmp_path: Path) -> None:
+    writer = _local(tmp_path)
+    first = writer.save_last(make_checkpoint(3, width=16))
+    writer.save_last(make_checkpoint(4, width=16))
+    assert first is not None
+    reader = CheckpointManager(RotatedWhileOpening(tmp_path / "run"))
+    with pytest.raises(CheckpointRotatedAwayError, match=r"ckpt_last_00000003\.pt was rotated away"):
+        reader.load_weights(first.filename)

@@ -17,7 +17,7 @@ from ml_playground.checkpoint._codec import verify as verify_source
 from ml_playground.checkpoint._naming import CheckpointName, format_metric
 from ml_playground.checkpoint._store import CheckpointStore, LocalCopyStore, LocalPathStore
 from ml_playground.checkpoint._weights import MapLocation, read_weights, weights_source
-from ml_playground.errors import CheckpointError, CheckpointSchemaError
+from ml_playground.errors import CheckpointError, CheckpointNotFoundError, CheckpointSchemaError
 
 __all__ = ["MapLocation", "load_checkpoint", "load_weights", "verify_checkpoint"]
 
@@ -36,10 +36,14 @@ def load_weights(
     store: CheckpointStore, name: CheckpointName, *, map_location: MapLocation, verify: bool
 ) -> ModelWeights:
     source = f"{store.url}/{name.filename}"
-    with weights_source(store, name.filename) as copy:
-        if copy is None:  # no partial reads here: the whole file it is
-            return ModelWeights.of(load_checkpoint(store, name, map_location=map_location, verify=verify, mmap=False))
-        weights = read_weights(copy, source=source, map_location=map_location, verify=verify)
+    try:
+        with weights_source(store, name.filename) as copy:
+            if copy is None:  # no partial reads here: the whole file it is
+                checkpoint = load_checkpoint(store, name, map_location=map_location, verify=verify, mmap=False)
+                return ModelWeights.of(checkpoint)
+            weights = read_weights(copy, source=source, map_location=map_location, verify=verify)
+    except FileNotFoundError:  # a local file rotated away while it was being read
+        raise CheckpointNotFoundError(f"no checkpoint {source}") from None
     _check_matches_name(weights, name, source)
     return weights
 

@@ -42,7 +42,7 @@ from ml_playground.checkpoint._zip_layout import (
     match_storages,
     read_records,
 )
-from ml_playground.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointSchemaError
+from ml_playground.errors import CheckpointCorruptError, CheckpointSchemaError
 
 __all__ = ["MapLocation", "read_weights", "weights_source"]
 
@@ -105,13 +105,6 @@ def read_weights(
     copy: PartialCopy, *, source: str, map_location: MapLocation = None, verify: bool = True
 ) -> ModelWeights:
     """Fetch into ``copy`` what the model and EMA need, check it, and return the weights (module docstring)."""
-    try:
-        return _read_weights(copy, source, map_location, verify)
-    except FileNotFoundError:  # a local file rotated away while it was read
-        raise CheckpointNotFoundError(f"no checkpoint {source}") from None
-
-
-def _read_weights(copy: PartialCopy, source: str, map_location: MapLocation, verify: bool) -> ModelWeights:
     fetched = _Fetched(copy)
     path, size = copy.path, copy.size
     fetched.ensure([(max(0, size - TAIL), size)])
