@@ -6,6 +6,7 @@ import gc
 import os
 import re
 import resource
+import statistics
 import time
 from typing import Any
 
@@ -95,3 +96,13 @@ class Phase:
         if self.server:
             out["server"] = self.server
         return out
+
+
+def print_rounds(times: dict[str, list[float]]) -> None:
+    """Each mode's median, minimum and every repetition, a line each (for the in-process A/B scripts)."""
+    width = max(map(len, times)) + 1
+    for mode, seconds in times.items():
+        print(
+            f"{mode:{width}s} median {statistics.median(seconds):.3f} s, min {min(seconds):.3f} s;  "
+            + " ".join(f"{s:.2f}" for s in seconds)
+        )

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _measure import print_rounds
 from _state import build_checkpoint
 
 from ml_playground.checkpoint import decode, encode
@@ -88,11 +89,7 @@ def main() -> None:
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     print(f"{size / 2**20:.0f} MiB file in {args.dir}, {args.reps} rounds, {'cold' if cold else 'WARM'} page cache")
-    for mode in MODES:
-        print(
-            f"{mode:16s} median {statistics.median(times[mode]):.3f} s, min {min(times[mode]):.3f} s;  "
-            + " ".join(f"{s:.2f}" for s in times[mode])
-        )
+    print_rounds(times)
     for what, pick in (("median", statistics.median), ("min", min)):
         t = {mode: pick(times[mode]) for mode in MODES}
         print(

@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _measure import print_rounds
+from _scenarios import _fsync_path
 from _state import as_plain_dict, build_checkpoint, tensor_bytes
 
 from ml_playground.checkpoint import CheckpointManager, KeepPolicy, LocalStore, _digests
@@ -54,13 +56,6 @@ def main() -> None:
     real = _digests.tensor_digest
     sections = {"model": checkpoint.model, "optimizer": checkpoint.optimizer}
 
-    def fsync(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def raw_write(directory: Path) -> None:
         temp = directory / "raw.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -75,7 +70,7 @@ def main() -> None:
     def torch_save(directory: Path) -> None:
         temp = directory / "ckpt.tmp"
         torch.save(plain, temp)
-        fsync(temp)
+        _fsync_path(temp)
         os.replace(temp, directory / "ckpt.pt")
         FileOps().fsync_dir(directory)
 
@@ -109,11 +104,7 @@ def main() -> None:
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     print(f"{args.size_mb} MB of params ({raw.nbytes / 2**20:.0f} MiB of tensors) into {args.dir}, {args.reps} rounds")
-    for mode in MODES:
-        print(
-            f"{mode:20s} median {statistics.median(times[mode]):.3f} s, min {min(times[mode]):.3f} s;  "
-            + " ".join(f"{s:.2f}" for s in times[mode])
-        )
+    print_rounds(times)
     for what in ("median", "min"):
         pick = statistics.median if what == "median" else min
         t = {mode: pick(times[mode]) for mode in MODES}

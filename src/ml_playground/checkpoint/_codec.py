@@ -58,6 +58,7 @@ _ALGORITHM = "xxh3_64"
 _ZIP_MAGIC = b"PK\x03\x04"
 TENSOR_SECTIONS = ("model", "ema", "rng_state", "optimizer")
 _DIGEST_SIZE = _digests.DIGEST_SIZE
+_META_FIELDS = ("iter_num", "best_val_loss", "model_args", "config", "data_state")
 
 Payload = dict[str, Any]
 Source = IO[bytes] | Path
@@ -473,14 +474,14 @@ def _structure_tokens(tree: Any) -> Iterator[str]:
 
 
 def checked_meta(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """The payload's ``meta`` table, with every field a checkpoint's metadata needs."""
+    """The fields of the payload's ``meta`` table (``Checkpoint``/``ModelWeights`` keyword arguments)."""
     meta = payload["meta"]
     if not isinstance(meta, dict):
         raise CheckpointSchemaError(f"{source}: meta must be a table, got {type(meta).__name__}")
-    missing = {"iter_num", "best_val_loss", "model_args", "config", "data_state"} - meta.keys()
+    missing = set(_META_FIELDS) - meta.keys()
     if missing:
         raise CheckpointSchemaError(f"{source} lacks the field(s) {', '.join(sorted('meta.' + m for m in missing))}")
-    return meta
+    return {key: meta[key] for key in _META_FIELDS}
 
 
 def _to_checkpoint(payload: Payload, source: str) -> Checkpoint:
@@ -491,11 +492,7 @@ def _to_checkpoint(payload: Payload, source: str) -> Checkpoint:
             optimizer=payload["optimizer"],
             ema=payload["ema"],
             rng_state=payload["rng_state"],
-            iter_num=meta["iter_num"],
-            best_val_loss=meta["best_val_loss"],
-            model_args=meta["model_args"],
-            config=meta["config"],
-            data_state=meta["data_state"],
+            **meta,
         )
     except CheckpointSchemaError as exc:
         raise CheckpointSchemaError(f"{source}: {exc}") from None

@@ -171,11 +171,7 @@ def _to_weights(payload: Mapping[str, Any], source: str, device: torch.device) -
         return ModelWeights(
             model=model,
             ema=ema,
-            iter_num=meta["iter_num"],
-            best_val_loss=meta["best_val_loss"],
-            model_args=meta["model_args"],
-            config=meta["config"],
-            data_state=meta["data_state"],
+            **meta,
         )
     except CheckpointSchemaError as exc:
         raise CheckpointSchemaError(f"{source}: {exc}") from None
