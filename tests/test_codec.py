@@ -332,3 +332,14 @@ def test_a_save_leaves_the_global_rng_untouched() -> None:
 def test_a_checkpoint_without_tensors_round_trips() -> None:
     checkpoint = Checkpoint(model={}, optimizer={}, model_args={}, iter_num=2, best_val_loss=1.0)
     assert _decode(_encoded(checkpoint)).iter_num == 2
+
+
+def test_a_checksum_thread_that_cannot_start_fails_the_save_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    def at_thread_limit(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", at_thread_limit)
+    stream = io.BytesIO()
+    with pytest.raises(CheckpointError, match=r"saving mem/ckpt\.pt failed before writing: .*thread limit"):
+        encode(make_checkpoint(), stream, destination="mem/ckpt.pt")
+    assert stream.getvalue() == b""

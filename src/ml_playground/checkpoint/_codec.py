@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
-import xxhash
 from torch.utils.serialization import config as serialization_config
 
 from ml_playground.checkpoint import _digests
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, check_plain_tree
+from ml_playground.checkpoint._migrations import MIGRATIONS, TENSOR_SECTIONS
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -54,9 +54,8 @@ from ml_playground.errors import (
 __all__ = ["FORMAT_MAGIC", "MIGRATIONS", "TENSOR_SECTIONS", "decode", "encode", "verify", "verify_sections"]
 
 FORMAT_MAGIC = "ml_playground.checkpoint"
-_ALGORITHM = "xxh3_64"
+_ALGORITHM = _digests.ALGORITHM
 _ZIP_MAGIC = b"PK\x03\x04"
-TENSOR_SECTIONS = ("model", "ema", "rng_state", "optimizer")
 _DIGEST_SIZE = _digests.DIGEST_SIZE
 _META_FIELDS = ("iter_num", "best_val_loss", "model_args", "config", "data_state")
 
@@ -66,37 +65,6 @@ Source = IO[bytes] | Path
 
 _CRC32_SWITCH = threading.Lock()
 _OFFSETS_SWITCH = threading.Lock()
-
-
-def _v1_to_v2(payload: Payload) -> Payload:
-    """v2 orders the sections model, ema, rng_state, optimizer and keeps the digests as a uint8 tensor.
-
-    The record is carried over, not recomputed: the digests are permuted into the new order, and the
-    structure digest is re-derived only where the old one matches (a load with ``verify=False``
-    migrates unchecked payloads; damage there stays detectable by ``verify_sections``).
-    """
-    old_body = {key: value for key, value in payload.items() if key != "integrity"}
-    body = {
-        **{key: payload[key] for key in ("format", "format_version", "meta", *TENSOR_SECTIONS)},
-        "format_version": 2,
-    }
-    stored = payload["integrity"]
-    if not isinstance(stored, dict):
-        return {**body, "integrity": stored}
-    old_digests = _stored_digests(stored.get("tensors"), 1)
-    old_tensors = list(_digests.tensors(old_body))
-    tensors: torch.Tensor | None = None
-    if old_digests is not None and len(old_digests) == len(old_tensors):
-        by_section: dict[str, list[bytes]] = {}
-        for (section, _, _), digest in zip(old_tensors, old_digests, strict=True):
-            by_section.setdefault(section, []).append(digest)
-        tensors = _digest_tensor([digest for section in TENSOR_SECTIONS for digest in by_section.get(section, [])])
-    structure = _structure_record(body) if stored.get("structure") == _structure_record(old_body)["structure"] else {}
-    return {**body, "integrity": {**stored, **structure, "tensors": tensors}}
-
-
-MIGRATIONS: dict[int, Callable[[Payload], Payload]] = {1: _v1_to_v2}
-"""``MIGRATIONS[v]`` turns a verified payload of format version ``v`` into version ``v + 1``."""
 
 
 def encode(checkpoint: Checkpoint, stream: IO[bytes], *, destination: str = "the stream") -> None:
@@ -117,13 +85,13 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes], *, destination: str = "the
         "optimizer": dict(checkpoint.optimizer),
     }
     tensors = [tensor for _, _, tensor in _digests.tensors(body)]
-    with _DigestThread(tensors) as digests, contextlib.ExitStack() as crc_off:
+    with _DigestThread(tensors, destination) as digests, contextlib.ExitStack() as crc_off:
         # The digest tensor starts as random bytes that no other record of the archive can equal; the
         # sink recognises that record when torch writes it (last) and writes the digests in its place.
         # (os.urandom, not torch's generator: a save must not move the training's RNG state)
         placeholder = os.urandom(len(tensors) * _DIGEST_SIZE)
         rows = torch.tensor(list(placeholder), dtype=torch.uint8).reshape(len(tensors), _DIGEST_SIZE)
-        payload = {**body, "integrity": {**_structure_record(body), "tensors": rows}}
+        payload = {**body, "integrity": {**_digests.structure_record(body), "tensors": rows}}
         crc_off.enter_context(_crc32_off())
         # torch reads the CRC switch once, when it opens its zip writer, before its first write: the switch
         # goes back at that first write, so other threads' saves neither wait for ours nor lose their CRCs
@@ -147,18 +115,26 @@ class _DigestThread:
     """Hashes tensors on a second thread while the caller writes them (xxhash releases the GIL).
 
     ``result()`` waits for every digest; leaving the ``with`` block stops the thread early (between two
-    tensors) when the write failed, so no thread outlives a save.
+    tensors) when the write failed and waits for it, so no thread outlives a save. (A second Ctrl-C
+    during that wait leaves the daemon thread to finish its current tensor on its own; it only reads.)
     """
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
+    def __init__(self, tensors: list[torch.Tensor], destination: str) -> None:
         self._tensors = tensors
+        self._destination = destination
         self._digests: list[bytes] = []
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ml_playground-checksums", daemon=True)
 
     def __enter__(self) -> _DigestThread:
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as exc:  # "can't start new thread": the process is at its thread limit
+            raise CheckpointError(
+                f"saving {self._destination} failed before writing: the thread that computes its checksums "
+                f"could not start ({exc}); the process is at its thread limit"
+            ) from None
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -401,12 +377,12 @@ def verify_sections(payload: Payload, source: str, sections: Collection[str] = T
         check_plain_tree("checkpoint", body, tensors_allowed=True)
     except CheckpointSchemaError as exc:
         raise UnsafeCheckpointError(f"{source}: {exc}") from None
-    if stored.get("structure") != _structure_record(body)["structure"]:
+    if stored.get("structure") != _digests.structure_record(body)["structure"]:
         raise CheckpointCorruptError(
             f"{source} is damaged: its metadata does not match its checksum. Delete it, or restore it from a copy."
         )
     tensors = list(_digests.tensors(body))
-    expected = _stored_digests(stored.get("tensors"), payload["format_version"])
+    expected = _digests.stored_digests(stored.get("tensors"), payload["format_version"])
     if expected is None or len(expected) != len(tensors):
         raise CheckpointCorruptError(f"{source} is damaged: its tensor checksums are incomplete")
     for (section, path, tensor), want in zip(tensors, expected, strict=True):
@@ -417,60 +393,12 @@ def verify_sections(payload: Payload, source: str, sections: Collection[str] = T
             )
 
 
-def _stored_digests(stored: object, version: int) -> list[bytes] | None:
-    """The digests as the file keeps them (v1: hex strings; v2: a uint8 tensor, a row per tensor)."""
-    if version == 1:
-        if not isinstance(stored, list) or not all(isinstance(h, str) and len(h) == 2 * _DIGEST_SIZE for h in stored):
-            return None
-        try:
-            return [bytes.fromhex(h) for h in stored]
-        except ValueError:
-            return None
-    if (
-        not isinstance(stored, torch.Tensor)
-        or stored.dtype != torch.uint8
-        or stored.dim() != 2
-        or stored.shape[1] != _DIGEST_SIZE
-    ):
-        return None
-    return [bytes(row) for row in stored.tolist()]
-
-
 def _integrity(body: Mapping[str, Any]) -> dict[str, Any]:
     """The integrity record of ``body``, computed in line (``encode`` overlaps it with the write)."""
     return {
-        **_structure_record(body),
-        "tensors": _digest_tensor([_digests.tensor_digest(t) for _, _, t in _digests.tensors(body)]),
+        **_digests.structure_record(body),
+        "tensors": _digests.digest_tensor([_digests.tensor_digest(t) for _, _, t in _digests.tensors(body)]),
     }
-
-
-def _digest_tensor(digests: list[bytes]) -> torch.Tensor:
-    return torch.tensor([list(d) for d in digests], dtype=torch.uint8).reshape(len(digests), _DIGEST_SIZE)
-
-
-def _structure_record(body: Mapping[str, Any]) -> dict[str, str]:
-    structure = xxhash.xxh3_64()
-    for token in _structure_tokens(body):
-        structure.update(token.encode("utf-8", "surrogatepass"))
-    return {"algorithm": _ALGORITHM, "structure": structure.hexdigest()}
-
-
-def _structure_tokens(tree: Any) -> Iterator[str]:
-    if isinstance(tree, torch.Tensor):
-        yield f"T{tree.dtype}{tuple(tree.shape)};"
-    elif isinstance(tree, Mapping):
-        yield f"{{{len(tree)};"
-        for key, value in tree.items():
-            yield f"{type(key).__name__}:{key!r};"
-            yield from _structure_tokens(value)
-    elif isinstance(tree, (list, tuple)):
-        yield f"[{type(tree).__name__}{len(tree)};"
-        for value in tree:
-            yield from _structure_tokens(value)
-    elif isinstance(tree, float):
-        yield f"f{tree.hex()};"
-    else:
-        yield f"{type(tree).__name__}:{tree!r};"
 
 
 def checked_meta(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
