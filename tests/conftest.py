@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
 
-from ml_playground.checkpoint import Checkpoint
+from ml_playground.checkpoint import Checkpoint, CheckpointStore, StoredObject
 
 pytest_plugins = ["tests.servers"]
 
@@ -114,3 +116,37 @@ def ctrl_c_enabled() -> Iterator[None]:
 def with_default_sigint() -> None:
     """``preexec_fn`` for a child that must see Ctrl-C: undo an inherited SIG_IGN before Python starts."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class ProtocolOnlyStore:
+    """A store with only the protocol's four verbs (like a remote one without local files or partial
+    reads), over another store."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self._store = store
+
+    @property
+    def url(self) -> str:
+        return self._store.url
+
+    def write(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        return self._store.write(name)
+
+    def open(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        return self._store.open(name)
+
+    def list(self) -> list[StoredObject]:
+        return self._store.list()
+
+    def delete(self, name: str) -> None:
+        self._store.delete(name)
+
+
+@pytest.fixture
+def temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh TMPDIR for this test (temporary local copies land there)."""
+    directory = tmp_path / "tmp"
+    directory.mkdir()
+    monkeypatch.setenv("TMPDIR", str(directory))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    return directory

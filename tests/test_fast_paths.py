@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
-from typing import IO
 
 import pytest
 import torch
 
-from ml_playground.checkpoint import Checkpoint, CheckpointManager, FileOps, KeepPolicy, LocalStore, StoredObject
+from ml_playground.checkpoint import Checkpoint, CheckpointManager, FileOps, KeepPolicy, LocalStore
 from ml_playground.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from tests.conftest import assert_same_checkpoint, make_checkpoint
+from tests.conftest import ProtocolOnlyStore, assert_same_checkpoint, make_checkpoint
 
 MARKER = 1234.5678  # a float32 value whose bytes we can find in the file
 
@@ -102,31 +100,8 @@ def test_verify_of_a_missing_checkpoint_is_not_found(manager: CheckpointManager)
         manager.verify("ckpt_last_00000009.pt")
 
 
-class _StreamOnlyStore:
-    """A store without local paths (like a remote one): delegates the protocol's verbs only."""
-
-    def __init__(self, inner: LocalStore) -> None:
-        self._inner = inner
-
-    @property
-    def url(self) -> str:
-        return "remote://" + self._inner.url
-
-    def write(self, name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        return self._inner.write(name)
-
-    def open(self, name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        return self._inner.open(name)
-
-    def list(self) -> list[StoredObject]:
-        return self._inner.list()
-
-    def delete(self, name: str) -> None:
-        self._inner.delete(name)
-
-
 def test_stream_store_loads_and_verifies_but_refuses_mmap(run_dir: Path) -> None:
-    manager = CheckpointManager(_StreamOnlyStore(LocalStore(run_dir, create=True)))
+    manager = CheckpointManager(ProtocolOnlyStore(LocalStore(run_dir, create=True)))
     original = _checkpoint_with_marker()
     name = manager.save_last(original)
     assert name is not None

@@ -18,15 +18,6 @@ from tests.servers import S3LocationFactory
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture
-def temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "tmp"
-    directory.mkdir()
-    monkeypatch.setenv("TMPDIR", str(directory))
-    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
-    return directory
-
-
 def _saved(s3_location: S3LocationFactory) -> tuple[CheckpointManager, str, Any]:
     location = s3_location(part_size_mib=5, max_concurrency=3)
     manager = CheckpointManager(open_store(location, create=True), KeepPolicy(last=1, best=0))

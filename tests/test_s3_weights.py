@@ -26,15 +26,6 @@ WIDTH = 1024  # a 4 MiB weight matrix: the model ~4 MiB, AdamW's state ~8 MiB mo
 
 
 @pytest.fixture
-def temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "tmp"
-    directory.mkdir()
-    monkeypatch.setenv("TMPDIR", str(directory))
-    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
-    return directory
-
-
-@pytest.fixture
 def proxy(moto_server: MotoServer) -> Iterator[CuttingProxy]:
     with CuttingProxy(int(moto_server.endpoint.rsplit(":", 1)[1])) as running:
         yield running

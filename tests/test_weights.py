@@ -5,9 +5,7 @@ The S3 side (bytes fetched, If-Match) is in ``test_s3_weights.py``.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import IO
 
 import pytest
 import torch
@@ -15,40 +13,15 @@ import torch
 from ml_playground.checkpoint import (
     Checkpoint,
     CheckpointManager,
-    CheckpointStore,
     KeepPolicy,
     LocalStore,
-    StoredObject,
     open_store,
 )
 from ml_playground.config_loader import parse_location
 from ml_playground.errors import CheckpointCorruptError, CheckpointRotatedAwayError, CheckpointSchemaError
-from tests.conftest import make_checkpoint
+from tests.conftest import ProtocolOnlyStore, make_checkpoint
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class ProtocolOnly:
-    """A store with only the protocol's four verbs (no local files, no partial reads), over another store."""
-
-    def __init__(self, store: CheckpointStore) -> None:
-        self._store = store
-
-    @property
-    def url(self) -> str:
-        return self._store.url
-
-    def write(self, name: str) -> AbstractContextManager[IO[bytes]]:
-        return self._store.write(name)
-
-    def open(self, name: str) -> AbstractContextManager[IO[bytes]]:
-        return self._store.open(name)
-
-    def list(self) -> list[StoredObject]:
-        return self._store.list()
-
-    def delete(self, name: str) -> None:
-        self._store.delete(name)
 
 
 def _local(tmp_path: Path) -> CheckpointManager:
@@ -61,7 +34,7 @@ def _memory(tmp_path: Path) -> CheckpointManager:
 
 
 def _protocol_only(tmp_path: Path) -> CheckpointManager:
-    return CheckpointManager(ProtocolOnly(LocalStore(tmp_path / "run", create=True)), KeepPolicy(last=2, best=1))
+    return CheckpointManager(ProtocolOnlyStore(LocalStore(tmp_path / "run", create=True)), KeepPolicy(last=2, best=1))
 
 
 def _tied(checkpoint: Checkpoint) -> Checkpoint:
