@@ -274,19 +274,34 @@ def load_mapped(path: Path, source: str) -> Any:
 def on_device(tree: Any, device: torch.device, copies: dict[int, torch.UntypedStorage] | None = None) -> Any:
     """``tree`` with its tensors copied to ``device``, one copy per storage: shared storages stay shared
     (also across calls that pass the same ``copies``)."""
+
+    def moved(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        as_bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
+        return as_bytes.to(device=device, copy=True).untyped_storage()
+
+    return with_storages(tree, moved, copies)
+
+
+def with_storages(
+    tree: Any,
+    replace: Callable[[torch.UntypedStorage], torch.UntypedStorage],
+    copies: dict[int, torch.UntypedStorage] | None = None,
+) -> Any:
+    """``tree`` with every tensor's storage swapped for ``replace(storage)``, called once per storage (keyed
+    by ``data_ptr()`` in ``copies``), so shared storages stay shared; views keep their offsets and strides."""
     copies = {} if copies is None else copies
     if isinstance(tree, torch.Tensor):
         storage = tree.untyped_storage()
         if storage.data_ptr() not in copies:
-            as_bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
-            copies[storage.data_ptr()] = as_bytes.to(device=device, copy=True).untyped_storage()
-        return torch.empty(0, dtype=tree.dtype, device=device).set_(
-            copies[storage.data_ptr()], tree.storage_offset(), tree.size(), tree.stride()
+            copies[storage.data_ptr()] = replace(storage)
+        new = copies[storage.data_ptr()]
+        return torch.empty(0, dtype=tree.dtype, device=new.device).set_(
+            new, tree.storage_offset(), tree.size(), tree.stride()
         )
     if isinstance(tree, dict):
-        return type(tree)((key, on_device(value, device, copies)) for key, value in tree.items())
+        return type(tree)((key, with_storages(value, replace, copies)) for key, value in tree.items())
     if isinstance(tree, (list, tuple)):
-        return type(tree)(on_device(value, device, copies) for value in tree)
+        return type(tree)(with_storages(value, replace, copies) for value in tree)
     return tree
 
 

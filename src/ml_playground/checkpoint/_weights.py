@@ -10,11 +10,12 @@ store (docs/performance.md, target 7) the load works on a sparse local copy of t
 3. after a first ``torch.load(mmap=True)`` of that file, which reads no tensor bytes, the records of
    the storages that ``model``, ``ema`` and ``integrity`` hold, coalesced into few ranges.
 
-The file is then loaded again (memory-mapped, so only the pickle is read), the model's digests are
-checked, and the model/EMA tensors are copied out so the file can go. ``torch.load`` finds each
-storage's offset without reading the other records' local headers (which lie in holes) because of
-torch's public switch ``torch.utils.serialization.config.load.calculate_storage_offsets``; without
-it torch would read zeros as those headers and compute wrong offsets without an error (measured,
+The file is then loaded again (memory-mapped, so only the pickle is read) for the tensors' layout; the
+model/EMA storages are read from the file straight into memory of their own (the mapping's pages are
+never touched, so the load's peak is the weights themselves), and those copies' digests are checked.
+``torch.load`` finds each storage's offset without reading the other records' local headers (which
+lie in holes) because of torch's public switch
+``torch.utils.serialization.config.load.calculate_storage_offsets``; without it torch would read zeros as those headers and compute wrong offsets without an error (measured,
 torch 2.13). The switch is process-global: it is on only during our loads, under one lock, and a
 ``torch.load`` another thread runs meanwhile computes the same offsets torch's reader would find.
 A local store's file is used in place (nothing to fetch).
@@ -23,6 +24,7 @@ A local store's file is used in place (nothing to fetch).
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -125,10 +127,15 @@ def read_weights(
     fetched.ensure((record.header_offset, record.end) for record in needed)
 
     payload = _codec.load_mapped(path, source)  # the same pickle, now over the fetched bytes
-    _check_offsets(payload, records, path, source)
-    # the weights are copied off the file first, and the copies are what is verified and returned
-    copies: dict[int, torch.UntypedStorage] = {}
-    weights = {section: _codec.on_device(payload[section], torch.device("cpu"), copies) for section in _VERIFIED}
+    offsets = _checked_offsets(payload, records, path, source)
+    # The weights are read from the file into memory of their own (never through the mapping, whose
+    # pages would count next to the copy), and those copies are what is verified and returned.
+    with path.open("rb", buffering=0) as handle:
+        copies: dict[int, torch.UntypedStorage] = {}
+        weights = {
+            section: _codec.with_storages(payload[section], lambda s: _read_storage(handle, offsets, s, source), copies)
+            for section in _VERIFIED
+        }
     payload = {**payload, **weights}
     if verify:
         _codec.verify_sections(payload, source, _VERIFIED)
@@ -146,22 +153,41 @@ def _storages(payload: Mapping[str, Any], sections: Iterable[str]) -> list[torch
     ]
 
 
-def _check_offsets(payload: Mapping[str, Any], records: list[Record], path: Path, source: str) -> None:
-    """Every storage we fetched lies exactly where its record's local header says its data starts."""
+def _checked_offsets(payload: Mapping[str, Any], records: list[Record], path: Path, source: str) -> dict[int, int]:
+    """Where the data of every storage we fetched starts in the file, keyed by the mapped storage's
+    ``data_ptr()``; each must lie exactly where its record's local header says."""
     by_pointer = match_storages(_storages(payload, payload.keys()), records, source)
     needed = sorted((s.data_ptr(), by_pointer[s.data_ptr()]) for s in _storages(payload, _FETCHED) if s.nbytes() > 0)
     if not needed:
-        return
+        return {}
     # the mapping's base, from the first storage record: torch read its local header, we fetched it
     first = min(by_pointer)
     base = first - data_offset(path, by_pointer[first], source)
     for pointer, record in needed:
         if pointer - base != data_offset(path, record, source):
             raise CheckpointCorruptError(f"{source}: tensor data of {record.name} is not where its zip record says")
+    return {pointer: pointer - base for pointer, _ in needed}
+
+
+def _read_storage(
+    handle: io.FileIO, offsets: Mapping[int, int], mapped: torch.UntypedStorage, source: str
+) -> torch.UntypedStorage:
+    """A new CPU storage holding the bytes of the memory-mapped storage ``mapped``, read from the file."""
+    buffer = torch.empty(mapped.nbytes(), dtype=torch.uint8)
+    if mapped.nbytes() == 0:
+        return buffer.untyped_storage()
+    view, done = buffer.numpy().data, 0
+    handle.seek(offsets[mapped.data_ptr()])
+    while done < len(view):
+        count = handle.readinto(view[done:])
+        if not count:
+            raise CheckpointCorruptError(f"{source} is truncated: a weight's bytes end {len(view) - done} bytes early")
+        done += count
+    return buffer.untyped_storage()
 
 
 def _to_weights(payload: Mapping[str, Any], source: str, device: torch.device) -> ModelWeights:
-    """The weights (already copied off the file, on the CPU) as ``ModelWeights`` on ``device``."""
+    """The weights (already read off the file, on the CPU) as ``ModelWeights`` on ``device``."""
     meta = _codec.checked_meta(payload, source)
     model, ema = payload["model"], payload["ema"]
     if device.type != "cpu":
