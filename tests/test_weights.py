@@ -5,6 +5,12 @@ The S3 side (bytes fetched, If-Match) is in ``test_s3_weights.py``.
 
 from __future__ import annotations
 
+import io
+import struct
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -180,6 +186,74 @@ def test_a_zip_directory_said_to_start_past_the_end_is_corrupt(tmp_path: Path, m
     with manager.store.write(name) as stream:
         stream.write(bytes(blob))
     with pytest.raises(CheckpointCorruptError, match=rf"{name}"):
+        manager.load_weights(name)
+
+
+def _rewritten(manager: CheckpointManager, name: str, damage: Callable[[bytearray], None]) -> None:
+    with manager.store.open(name) as stream:
+        blob = bytearray(stream.read())
+    damage(blob)
+    manager.store.delete(name)
+    with manager.store.write(name) as stream:
+        stream.write(bytes(blob))
+
+
+def _record_data(blob: bytearray, suffix: str) -> tuple[int, int]:
+    """Where the data of the zip member whose name ends with ``suffix`` starts, and its size."""
+    with zipfile.ZipFile(io.BytesIO(bytes(blob))) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    name_length, extra_length = struct.unpack_from("<HH", blob, info.header_offset + 26)
+    return info.header_offset + 30 + name_length + extra_length, info.file_size
+
+
+ALIGNMENT_PROBE = """
+import sys
+from pathlib import Path
+from ml_playground.checkpoint import CheckpointManager, LocalStore
+from ml_playground.errors import CheckpointCorruptError
+manager = CheckpointManager(LocalStore(Path(sys.argv[1])))
+try:
+    manager.load_weights(sys.argv[2])
+except CheckpointCorruptError as exc:
+    print("corrupt:", exc)
+"""
+
+
+@pytest.mark.parametrize("value", [b"00", b"-0", b" 0"])
+def test_a_zero_storage_alignment_is_corrupt_not_a_crash(tmp_path: Path, value: bytes) -> None:
+    # torch divides by this record when it computes offsets: 0 killed the process with SIGFPE. It is not
+    # covered by the digests (a full load ignores it), so the weights-only load must check it first.
+    manager = _local(tmp_path)
+    name = manager.save_last(make_checkpoint(3, width=16)).filename
+
+    def zero_alignment(blob: bytearray) -> None:
+        start, size = _record_data(blob, "/.storage_alignment")
+        assert blob[start : start + size] == b"64"
+        blob[start : start + size] = value
+
+    _rewritten(manager, name, zero_alignment)
+    done = subprocess.run(
+        [sys.executable, "-c", ALIGNMENT_PROBE, str(tmp_path / "run"), name],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert f"corrupt: {tmp_path / 'run' / name} is damaged: its .storage_alignment record" in done.stdout
+
+
+@pytest.mark.parametrize("make", [_local, _memory], ids=["local", "memory"])
+def test_a_zip_directory_entry_of_an_unknown_version_is_corrupt(tmp_path: Path, make: object) -> None:
+    manager = make(tmp_path)  # type: ignore[operator]
+    name = manager.save_last(make_checkpoint(3, width=16)).filename
+
+    def unknown_version(blob: bytearray) -> None:
+        entry = blob.index(b"PK\x01\x02")  # the first central directory entry
+        blob[entry + 6] = 0xFF  # "version needed to extract": zipfile raises NotImplementedError
+
+    _rewritten(manager, name, unknown_version)
+    with pytest.raises(CheckpointCorruptError, match=rf"{name} has an unreadable zip directory"):
         manager.load_weights(name)
 
 

@@ -13,11 +13,12 @@ store (docs/performance.md, target 7) the load works on a sparse local copy of t
 The file is then loaded again (memory-mapped, so only the pickle is read) for the tensors' layout; the
 model/EMA storages are read from the file straight into memory of their own (the mapping's pages are
 never touched, so the load's peak is the weights themselves), and those copies' digests are checked.
-``torch.load`` finds each storage's offset without reading the other records' local headers (which
-lie in holes) because of torch's public switch
-``torch.utils.serialization.config.load.calculate_storage_offsets``; without it torch would read zeros as those headers and compute wrong offsets without an error (measured,
-torch 2.13). The switch is process-global: it is on only during our loads, under one lock, and a
-``torch.load`` another thread runs meanwhile computes the same offsets torch's reader would find.
+``torch.load`` finds each storage's offset without reading the other records' local headers (which lie
+in holes) because of torch's public switch
+``torch.utils.serialization.config.load.calculate_storage_offsets``; without it torch would read zeros
+as those headers and compute wrong offsets without an error (measured, torch 2.13). The switch is
+process-global: it is on only during our loads, under one lock, and a ``torch.load`` another thread runs
+meanwhile computes the same offsets torch's reader would find.
 A local store's file is used in place (nothing to fetch).
 """
 
@@ -37,6 +38,7 @@ from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore, Par
 from ml_playground.checkpoint._zip_layout import (
     TAIL,
     Record,
+    check_storage_alignment,
     coalesce,
     data_offset,
     directory_start,
@@ -119,6 +121,7 @@ def read_weights(
     if first is not None:  # torch reads data/0's whole local header; it may be longer than usual
         fetched.ensure([(first.header_offset, data_offset(path, first, source))])
 
+    check_storage_alignment(path, records, source)
     payload = _codec.load_mapped(path, source)  # reads the pickle and the headers fetched; no tensor bytes
     version = _codec._check_header(payload, source)
     by_pointer = match_storages(_storages(payload, payload.keys()), records, source)

@@ -27,6 +27,7 @@ from ml_playground.errors import CheckpointCorruptError
 __all__ = [
     "TAIL",
     "Record",
+    "check_storage_alignment",
     "coalesce",
     "data_offset",
     "directory_start",
@@ -101,7 +102,7 @@ def read_records(path: Path, directory: int, source: str) -> list[Record]:
     try:
         with zipfile.ZipFile(path) as archive:
             infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # zipfile fails on a damaged directory in many ways (NotImplementedError, ...)
         raise CheckpointCorruptError(f"{source} has an unreadable zip directory ({exc})") from None
     ends = [info.header_offset for info in infos[1:]] + [directory]
     records = [
@@ -110,6 +111,25 @@ def read_records(path: Path, directory: int, source: str) -> list[Record]:
     if any(record.header_offset + record.size > record.end for record in records):
         raise CheckpointCorruptError(f"{source} has a zip directory whose records overlap or lie past its end")
     return records
+
+
+def check_storage_alignment(path: Path, records: Sequence[Record], source: str) -> None:
+    """The ``.storage_alignment`` record must read as a positive integer.
+
+    ``torch.load`` divides by it when it computes storage offsets (``calculate_storage_offsets``, which
+    :func:`~ml_playground.checkpoint._codec.load_mapped` turns on): a damaged ``0`` would kill the process
+    with SIGFPE instead of raising. The record is not covered by the tensor digests, so check it first.
+    """
+    record = next((r for r in records if r.name.endswith("/.storage_alignment")), None)
+    if record is None:
+        return  # torch then uses its default, 64
+    with path.open("rb") as handle:
+        handle.seek(data_offset(path, record, source))
+        value = handle.read(record.size)
+    if not re.fullmatch(rb"[1-9][0-9]{0,8}", value):
+        raise CheckpointCorruptError(
+            f"{source} is damaged: its .storage_alignment record reads {value[:16]!r}, not a positive integer"
+        )
 
 
 def header_range(record: Record) -> tuple[int, int]:
