@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 import subprocess
 import sys
 import textwrap
@@ -161,6 +162,51 @@ def test_background_failure_surfaces_at_close(manager: CheckpointManager, ops: G
     with pytest.raises(StorageError):
         saver.close()
     saver.close()  # idempotent, and the error is not raised twice
+    with pytest.raises(CheckpointError, match="closed"):
+        saver.save_last(make_checkpoint(1))
+
+
+def _ctrl_c_after(seconds: float) -> None:
+    """Deliver SIGINT to the main thread (where Python raises KeyboardInterrupt) after ``seconds``."""
+    threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+
+
+@pytest.mark.timeout(60)
+def test_a_save_interrupted_while_waiting_still_waits_next_time(run_dir: Path, ops: GatedOps) -> None:
+    # Ctrl-C while the next save waits for the held one; the handler then saves again. That save must
+    # still wait, not snapshot into the memory the first save is writing (it once did: a mixed file).
+    manager = CheckpointManager(LocalStore(run_dir, create=True, file_ops=ops), KeepPolicy(last=3, best=0))
+    first = make_checkpoint(0)
+    first_weights = {key: value.clone() for key, value in first.model.items()}
+    saver = AsyncCheckpointSaver(manager)
+    ops.gate.clear()
+    saver.save_last(first)
+    _ctrl_c_after(0.3)
+    with pytest.raises(KeyboardInterrupt):
+        saver.save_last(make_checkpoint(10))
+    threading.Timer(0.3, ops.gate.set).start()
+    saver.save_last(make_checkpoint(20))
+    saver.close()
+    assert ops.max_active == 1
+    assert sorted(_names(manager)) == ["ckpt_last_00000000.pt", "ckpt_last_00000020.pt"]
+    saved = manager.load("ckpt_last_00000000.pt")
+    assert all(torch.equal(saved.model[key], value) for key, value in first_weights.items())
+
+
+@pytest.mark.timeout(60)
+def test_a_close_interrupted_while_waiting_leaves_the_saver_open_and_the_error_raised(
+    manager: CheckpointManager, ops: GatedOps
+) -> None:
+    saver = AsyncCheckpointSaver(manager)
+    ops.gate.clear()
+    ops.fail_next_fsync = True
+    saver.save_last(make_checkpoint(0))
+    _ctrl_c_after(0.3)
+    with pytest.raises(KeyboardInterrupt):
+        saver.close()
+    ops.gate.set()
+    with pytest.raises(StorageError, match="injected I/O error"):
+        saver.close()  # waits again: the failure is raised, not dropped
     with pytest.raises(CheckpointError, match="closed"):
         saver.save_last(make_checkpoint(1))
 

@@ -4,7 +4,8 @@ Rules (each tested in tests/test_async_save.py):
 
 - ``save_last``/``save_best`` return once the checkpoint is snapshotted (every tensor copied to CPU, plain
   data deep-copied), so the caller may keep training and mutate its tensors right away.
-- At most one save is in flight: the next save first waits for the previous one. The saver keeps one
+- At most one save is in flight: the next save first waits for the previous one (also after a Ctrl-C
+  interrupted an earlier wait: the save stays recorded as in flight until its thread is done). The saver keeps one
   snapshot (1x the checkpoint) in CPU memory besides the live state, and copies the next save into it
   (same keys, shapes, dtypes), so a save after the first allocates nothing. ``close()`` releases it.
 - Write and rotation run in the background through :class:`CheckpointManager`, which rotates only
@@ -122,6 +123,7 @@ class AsyncCheckpointSaver:
     def __init__(self, manager: CheckpointManager) -> None:
         self.manager = manager
         self._thread: threading.Thread | None = None
+        self._finished = threading.Event()  # set by the in-flight save's thread when it is done
         self._error: BaseException | None = None
         self._spare: Checkpoint | None = None  # the last snapshot, free once its save is done
         self._closed = False
@@ -152,23 +154,24 @@ class AsyncCheckpointSaver:
 
     def wait(self) -> None:
         """Block until the in-flight save (if any) has committed and rotated; raise its error if it failed."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
+        self._join()
         error, self._error = self._error, None
         if error is not None:
             raise error
 
     def close(self) -> None:
-        """Wait for the in-flight save and stop accepting saves; raises a background error. Idempotent."""
+        """Wait for the in-flight save and stop accepting saves; raises a background error. Idempotent.
+
+        Interrupted (Ctrl-C) while waiting, the saver stays open with its save in flight: the next
+        ``close()`` waits again, and a failure is still raised, or logged at exit.
+        """
         if self._closed:
             return
+        self._join()
         self._closed = True
         atexit.unregister(self._report_at_exit)
-        try:
-            self.wait()
-        finally:
-            self._spare = None
+        self._spare = None
+        self.wait()  # nothing in flight now: raises the background error, if any
 
     def __enter__(self) -> AsyncCheckpointSaver:
         return self
@@ -194,14 +197,30 @@ class AsyncCheckpointSaver:
         self._spare = snapshot(checkpoint, into=self._spare)
         return self._spare
 
+    def _join(self) -> None:
+        """Wait for the in-flight save to finish. An interrupt (Ctrl-C) leaves it recorded as in flight, so
+        the next save still waits for it instead of snapshotting into the memory it is writing."""
+        if self._thread is None:
+            return
+        # Wait on the event, not on join(): CPython 3.11 can take a thread whose join() was interrupted
+        # for finished, and interpreter shutdown would then not wait for the save.
+        self._finished.wait()
+        self._thread.join()
+        self._thread = None
+
     def _start(self, name: CheckpointName, save: Callable[[Checkpoint], _T], state: Checkpoint) -> None:
+        finished = threading.Event()
+
         def run() -> None:
             try:
                 save(state)
             except BaseException as exc:  # kept for the next call: never lost in this thread
                 self._error = exc
+            finally:
+                finished.set()
 
         # Not a daemon: interpreter shutdown joins it, so a process that exits still completes the save.
+        self._finished = finished
         self._thread = threading.Thread(target=run, name=f"checkpoint-save-{name.filename}", daemon=False)
         self._thread.start()
 
