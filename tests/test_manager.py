@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ml_playground.checkpoint import CheckpointManager, KeepPolicy, LocalStore
 from ml_playground.errors import (
+    CheckpointCorruptError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNameError,
@@ -184,3 +188,50 @@ def test_a_failed_delete_raises_after_the_commit_and_the_next_save_retries(run_d
     ops.fail = False
     manager.save_last(make_checkpoint(iter_num=20))
     assert _files(run_dir) == ["ckpt_last_00000020.pt"]
+
+
+@pytest.mark.parametrize("load", ["load", "load_verify_false", "load_weights"])
+def test_a_device_this_machine_lacks_is_named_not_called_damage(tmp_path: Path, load: str) -> None:
+    manager = _manager(tmp_path)
+    name = manager.save_last(make_checkpoint(3))
+    assert name is not None
+    calls = {
+        "load": lambda: manager.load(name.filename, map_location="cuda:63"),
+        "load_verify_false": lambda: manager.load(name.filename, map_location="cuda:63", verify=False),
+        "load_weights": lambda: manager.load_weights(name.filename, map_location="cuda:63"),
+    }
+    with pytest.raises(CheckpointError, match=rf"cannot load .*{name.filename} onto 'cuda:63'") as caught:
+        calls[load]()
+    assert not isinstance(caught.value, CheckpointCorruptError)  # a healthy file must not look damaged
+
+
+UNREADABLE_PROBE = """
+import sys
+from pathlib import Path
+from ml_playground.checkpoint import CheckpointManager, LocalStore
+manager = CheckpointManager(LocalStore(Path(sys.argv[1])))
+for call in ("load", "verify", "load_weights"):
+    try:
+        getattr(manager, call)(sys.argv[2])
+    except Exception as exc:
+        print(call, type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_unreadable_file_is_a_storage_error_naming_it(tmp_path: Path) -> None:
+    manager = _manager(tmp_path)
+    name = manager.save_last(make_checkpoint(3))
+    assert name is not None
+    (tmp_path / name.filename).chmod(0)
+    command = [sys.executable, "-c", UNREADABLE_PROBE, str(tmp_path), name.filename]
+    if os.geteuid() == 0:  # root reads any file: drop the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=50, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    path = tmp_path / name.filename
+    assert done.stdout.splitlines() == [
+        f"{call} StorageError cannot read {path}: Permission denied" for call in ("load", "verify", "load_weights")
+    ]

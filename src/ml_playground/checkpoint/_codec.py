@@ -48,6 +48,7 @@ from ml_playground.errors import (
     CheckpointSchemaError,
     CheckpointVersionError,
     MLPlaygroundError,
+    StorageError,
     UnsafeCheckpointError,
 )
 
@@ -235,7 +236,7 @@ def decode(
         raise ValueError(f"mmap loading needs a local file path; {source} is a stream")
     # Verification reads the bytes as loaded: a payload bound for another device (or "meta", which has
     # no bytes) is verified on the CPU first, then moved.
-    device = None if map_location is None else torch.device(map_location)
+    device = usable_device(map_location, source)
     elsewhere = verify and device is not None and device.type != "cpu"
     payload = _load_payload(data, source, "cpu" if elsewhere else map_location, mmap)
     version = _check_header(payload, source)
@@ -247,6 +248,21 @@ def decode(
         payload = MIGRATIONS[version](payload)
         version += 1
     return _to_checkpoint(payload, source)
+
+
+def usable_device(map_location: torch.device | str | None, source: str) -> torch.device | None:
+    """``map_location`` as a device this process can allocate on, checked before anything is read: an
+    unavailable one (``"cuda"`` on a CPU-only build) would otherwise fail mid-load like a damaged file."""
+    if map_location is None:
+        return None
+    try:
+        device = torch.device(map_location)
+        torch.empty(0, device=device)
+    except Exception as exc:  # unknown or unavailable devices fail in many ways (AssertionError on CPU builds)
+        raise CheckpointError(
+            f"cannot load {source} onto {str(map_location)!r}: {_first_line(exc)}; pass a device this machine has"
+        ) from None
+    return device
 
 
 def verify(data: Source, *, source: str) -> None:
@@ -342,8 +358,8 @@ def _check_magic(data: Source, source: str) -> None:
                 magic = handle.read(len(_ZIP_MAGIC))
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"no checkpoint {source}") from None
-        except OSError as exc:
-            raise CheckpointCorruptError(f"{source} cannot be read ({_first_line(exc)})") from None
+        except OSError as exc:  # not the bytes' fault: permissions, I/O errors
+            raise StorageError(f"cannot read {source}: {exc.strerror or _first_line(exc)}") from None
     else:
         start = data.tell()
         magic = data.read(len(_ZIP_MAGIC))

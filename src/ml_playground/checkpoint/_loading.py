@@ -17,7 +17,7 @@ from ml_playground.checkpoint._codec import verify as verify_source
 from ml_playground.checkpoint._naming import CheckpointName, format_metric
 from ml_playground.checkpoint._store import CheckpointStore, LocalCopyStore, LocalPathStore
 from ml_playground.checkpoint._weights import MapLocation, read_weights, weights_source
-from ml_playground.errors import CheckpointError, CheckpointNotFoundError, CheckpointSchemaError
+from ml_playground.errors import CheckpointError, CheckpointNotFoundError, CheckpointSchemaError, StorageError
 
 __all__ = ["MapLocation", "load_checkpoint", "load_weights", "verify_checkpoint"]
 
@@ -44,6 +44,10 @@ def load_weights(
             weights = read_weights(copy, source=source, map_location=map_location, verify=verify)
     except FileNotFoundError:  # a local file rotated away while it was being read
         raise CheckpointNotFoundError(f"no checkpoint {source}") from None
+    except CheckpointError:
+        raise
+    except OSError as exc:  # reading the local file: permissions, I/O errors
+        raise StorageError(f"cannot read {source}: {exc.strerror or exc}") from None
     _check_matches_name(weights, name, source)
     return weights
 

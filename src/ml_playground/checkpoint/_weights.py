@@ -109,6 +109,7 @@ def read_weights(
     copy: PartialCopy, *, source: str, map_location: MapLocation = None, verify: bool = True
 ) -> ModelWeights:
     """Fetch into ``copy`` what the model and EMA need, check it, and return the weights (module docstring)."""
+    device = _codec.usable_device(map_location, source) or torch.device("cpu")
     fetched = _Fetched(copy)
     path, size = copy.path, copy.size
     fetched.ensure([(max(0, size - TAIL), size)])
@@ -145,7 +146,7 @@ def read_weights(
     while version < FORMAT_VERSION:
         payload = _codec.MIGRATIONS[version](payload)
         version += 1
-    return _to_weights(payload, source, torch.device("cpu" if map_location is None else map_location))
+    return _to_weights(payload, source, device)
 
 
 def _storages(payload: Mapping[str, Any], sections: Iterable[str]) -> list[torch.UntypedStorage]:
