@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ml_playground.checkpoint import CheckpointManager, LocalStore
 from tests.cli_support import (
@@ -179,6 +180,16 @@ def test_user_errors_end_with_a_message_and_exit_code_never_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], code: int, needles: list[str]
 ) -> None:
     assert_clean_failure(run_main(args, tmp_path, capsys), code, *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_reading_onto_a_device_the_machine_lacks_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # checked before anything is read (it once failed with a traceback from model.to)
+    result = run_main([command, "--set", "sample.runtime.device=cuda"], tmp_path, capsys)
+    assert_clean_failure(result, 2, "sample.runtime.device = 'cuda'", "no CUDA device", "use 'cpu'")
 
 
 def test_a_user_error_in_a_fresh_process_has_no_traceback(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from ml_playground.cli_common import EXPERIMENT_HELP, SET_HELP, Formatter, fail,
 from ml_playground.config import ExperimentConfig
 from ml_playground.config_loader import parse_location
 from ml_playground.errors import ConfigError, MLPlaygroundError
+from ml_playground.model import runtime_device
 from ml_playground.training import train
 
 __all__ = ["build_parser", "main"]
@@ -117,6 +118,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load_for_reading(args: argparse.Namespace) -> tuple[ExperimentConfig, sampling.LoadedModel]:
     config = load_config(args)
     runtime = config.sample.runtime
+    runtime_device("sample.runtime.device", runtime.device)  # before any download
     if args.checkpoint is not None:
         location, name = location_of_ref(args.checkpoint, runtime.storage_options)
         checkpoint, source = sampling.load_checkpoint(location, name=name)

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ml_playground.errors import CheckpointSchemaError
+from ml_playground.errors import CheckpointSchemaError, ConfigError
 
-__all__ = ["GPT", "GPTArgs"]
+__all__ = ["GPT", "GPTArgs", "runtime_device"]
 
 
 @dataclass(frozen=True)
@@ -167,3 +167,12 @@ class GPT(nn.Module):
             probs = F.softmax(logits, dim=-1)
             idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
         return idx
+
+
+def runtime_device(setting: str, name: str) -> torch.device:
+    """The device the setting ``setting`` (e.g. ``train.runtime.device``) names, if this machine has it."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{setting} = 'cuda' but no CUDA device is available; use 'cpu'")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{setting} = 'mps' but MPS is not available; use 'cpu'")
+    return torch.device(name)

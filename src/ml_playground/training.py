@@ -31,6 +31,7 @@ from ml_playground.checkpoint import (
 from ml_playground.config import ExperimentConfig, TrainConfig
 from ml_playground.data import Splits, fixed_batches, load_splits
 from ml_playground.errors import CheckpointError, ConfigError
+from ml_playground.model import runtime_device
 from ml_playground.progress import Progress
 from ml_playground.train_state import METRICS, TrainState, estimate_loss, plain_config
 
@@ -65,7 +66,7 @@ def train(config: ExperimentConfig, *, progress_bar: bool | None = None, take_ov
             f"train.runtime.checkpointing.metric = {ck.metric!r} is not computed by the trainer; "
             f"use one of: {', '.join(METRICS)}"
         )
-    device = _device(rt.device)
+    device = runtime_device("train.runtime.device", rt.device)
     splits = load_splits(tc.data.corpus_chars, tc.data.val_fraction, tc.model.block_size)
     store = open_store(rt.out_dir, create=True)
     manager = CheckpointManager(store, KeepPolicy(last=ck.keep.last, best=ck.keep.best), mode=ck.mode)
@@ -124,14 +125,6 @@ def _train(
         loop.progress.close()
     saver.close()  # an asynchronous save still in flight commits (or raises) before we report
     return TrainResult(store.url, start, rt.max_iters, False, metrics, state.best, _names(manager))
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.runtime.device = 'cuda' but no CUDA device is available; use 'cpu'")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("train.runtime.device = 'mps' but MPS is not available; use 'cpu'")
-    return torch.device(name)
 
 
 def _resume_point(manager: CheckpointManager, policy: str) -> Checkpoint | None:
