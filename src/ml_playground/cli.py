@@ -32,13 +32,13 @@ _TRAIN_EXAMPLES = """examples:
 _SAMPLE_EXAMPLES = """examples:
   ml-playground sample                                   # best checkpoint of ./out/tiny_chars
   ml-playground sample --from s3://my-bucket/runs/a --set sample.sample.num_samples=3
-  ml-playground sample --checkpoint out/tiny_chars/ckpt_last_00000400.pt --raw-weights
+  ml-playground sample --checkpoint out/tiny_chars/ckpt_last_00000500.pt --raw-weights
   ml-playground sample --set 'sample.sample.start="Ada "' --set sample.sample.temperature=0.5
 """
 _EVAL_EXAMPLES = """examples:
   ml-playground eval                                     # best checkpoint of ./out/tiny_chars
   ml-playground eval --from s3://my-bucket/runs/a
-  ml-playground eval --checkpoint out/tiny_chars/ckpt_best_00000400_1.234567.pt --raw-weights
+  ml-playground eval --checkpoint out/tiny_chars/ckpt_best_00000500_0.443188.pt --raw-weights
 """
 
 

@@ -15,13 +15,13 @@ __all__ = ["add_commands"]
 _EXAMPLES = {
     "ls": "examples:\n  ml-playground ckpt ls out/tiny_chars\n"
     "  ml-playground ckpt ls s3://my-bucket/runs/a -o endpoint_url=http://127.0.0.1:9000\n",
-    "show": "examples:\n  ml-playground ckpt show out/tiny_chars/ckpt_last_00000400.pt\n"
+    "show": "examples:\n  ml-playground ckpt show out/tiny_chars/ckpt_last_00000500.pt\n"
     "  ml-playground ckpt show s3://my-bucket/runs/a/ckpt_best_00000300_1.234567.pt\n",
     "verify": "examples:\n  ml-playground ckpt verify out/tiny_chars              # every checkpoint of the run\n"
-    "  ml-playground ckpt verify out/tiny_chars/ckpt_last_00000400.pt\n",
+    "  ml-playground ckpt verify out/tiny_chars/ckpt_last_00000500.pt\n",
     "cp": "examples:\n  ml-playground ckpt cp out/tiny_chars s3://my-bucket/runs/a          # a whole run\n"
     "  ml-playground ckpt cp s3://my-bucket/runs/a/ckpt_last_00000400.pt backup/   # one checkpoint\n",
-    "export": "examples:\n  ml-playground ckpt export out/tiny_chars/ckpt_last_00000400.pt model.safetensors\n"
+    "export": "examples:\n  ml-playground ckpt export out/tiny_chars/ckpt_last_00000500.pt model.safetensors\n"
     "  ml-playground ckpt export s3://my-bucket/runs/a/ckpt_last_00000400.pt raw.safetensors --raw-weights\n",
 }
 _HELP = {

@@ -300,7 +300,7 @@ class CheckpointManager:
             newer = [info for info in self.checkpoints() if info.kind is name.kind and info.iter_num > name.iter_num]
             if newer:
                 raise CheckpointRotatedAwayError(
-                    f"{source} was rotated away (a newer {name.kind.value} checkpoint, {newer[0].filename}, "
-                    "replaced it); load the newer one"
+                    f"{source} was rotated away or never written: a newer {name.kind.value} checkpoint, "
+                    f"{newer[0].filename}, is there; load that one"
                 ) from None
             raise CheckpointNotFoundError(f"no checkpoint {source}") from None
