@@ -58,8 +58,8 @@ class GatedOps(FileOps):
             self.active -= 1
         super().close(fd)
 
-    def replace(self, src: Path, dst: Path) -> None:
-        super().replace(src, dst)
+    def rename_no_replace(self, src: Path, dst: Path) -> None:
+        super().rename_no_replace(src, dst)
         self.events.append(f"commit {dst.name}")
 
     def unlink(self, path: Path) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ml_playground.checkpoint import CheckpointStore, LocalStore
+from ml_playground.checkpoint import CheckpointStore, FileOps, LocalStore
+from ml_playground.errors import CheckpointExistsError
 from tests.store_contract import StoreContract
 
 
@@ -19,3 +20,21 @@ class TestLocalStoreContract(StoreContract):
     @pytest.fixture
     def reopen(self, store: CheckpointStore, tmp_path: Path) -> Callable[[], CheckpointStore]:
         return lambda: LocalStore(tmp_path / "run")
+
+
+class OtherWriterCommitsFirst(FileOps):
+    """Another writer commits the same name after our "is it free?" check, just before our rename."""
+
+    def rename_no_replace(self, src: Path, dst: Path) -> None:
+        dst.write_bytes(b"the other writer's checkpoint")
+        super().rename_no_replace(src, dst)
+
+
+def test_a_name_committed_by_another_writer_during_the_save_is_never_replaced(tmp_path: Path) -> None:
+    # the check and the rename were two steps: the other writer's file was silently replaced
+    store = LocalStore(tmp_path / "run", create=True, file_ops=OtherWriterCommitsFirst())
+    expected = pytest.raises(CheckpointExistsError, match=r"ckpt_last_00000001\.pt was written by another writer")
+    with expected, store.write("ckpt_last_00000001.pt") as stream:
+        stream.write(b"ours")
+    assert (tmp_path / "run" / "ckpt_last_00000001.pt").read_bytes() == b"the other writer's checkpoint"
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["ckpt_last_00000001.pt"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ml_playground.checkpoint import FileOps
 
-OPERATIONS = ("open", "write", "start_writeback", "fsync", "close", "replace", "fsync_dir", "unlink")
+OPERATIONS = ("open", "write", "start_writeback", "fsync", "close", "rename_no_replace", "fsync_dir", "unlink")
 ERRNOS = {"ENOSPC": errno.ENOSPC, "EIO": errno.EIO, "EXDEV": errno.EXDEV}
 
 
@@ -62,10 +62,10 @@ class FaultyOps(FileOps):
         if fail:
             raise self._fail()
 
-    def replace(self, src: Path, dst: Path) -> None:
-        if self._enter("replace"):
+    def rename_no_replace(self, src: Path, dst: Path) -> None:
+        if self._enter("rename_no_replace"):
             raise self._fail()
-        super().replace(src, dst)
+        super().rename_no_replace(src, dst)
 
     def fsync_dir(self, path: Path) -> None:
         if self._enter("fsync_dir"):

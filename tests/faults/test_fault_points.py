@@ -1,4 +1,4 @@
-"""Deterministic faults: fail the N-th write / fsync / close / replace / directory fsync of a save.
+"""Deterministic faults: fail the N-th write / fsync / close / rename / directory fsync of a save.
 
 For every operation a save makes, for every N of it, and for ENOSPC, EIO and EXDEV: the save raises a
 StorageError naming the file, nothing appears under the final name, no temporary is left behind, the
@@ -18,7 +18,7 @@ from ml_playground.errors import StorageError
 from tests.faults._faulty_ops import ERRNOS, FaultyOps
 from tests.faults._support import audit_all_load, big_checkpoint, temporaries
 
-SAVE_OPERATIONS = ("open", "write", "fsync", "close", "replace", "fsync_dir")
+SAVE_OPERATIONS = ("open", "write", "fsync", "close", "rename_no_replace", "fsync_dir")
 KEEP = KeepPolicy(last=2, best=1)
 
 
@@ -70,7 +70,7 @@ def test_every_failed_operation_fails_the_save_cleanly(
         assert "unlink" not in ops.calls, f"{where}: a failed save must not rotate"
         if operation == "fsync":
             assert ops.counts["fsync"] == nth, f"{where}: a failed fsync was retried"
-            assert "replace" not in ops.calls, f"{where}: renamed after a failed fsync"
+            assert "rename_no_replace" not in ops.calls, f"{where}: renamed after a failed fsync"
         names, problems = audit_all_load(run)
         assert problems == [], where
         assert sorted(p.name for p in run.iterdir()) == before, where

@@ -75,8 +75,8 @@ class ProgressOps(FileOps):
         super().close(fd)
         self._tell(b"c")
 
-    def replace(self, src: Path, dst: Path) -> None:
-        super().replace(src, dst)
+    def rename_no_replace(self, src: Path, dst: Path) -> None:
+        super().rename_no_replace(src, dst)
         self._tell(b"r")
 
     def fsync_dir(self, path: Path) -> None:

@@ -49,6 +49,51 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def _load_renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+"""What ``renameat2`` answers on a file system without ``RENAME_NOREPLACE`` (NFS, many FUSE mounts)."""
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists, decided atomically where the file system can.
+
+    ``renameat2(RENAME_NOREPLACE)`` on Linux; where that is missing, a hard link (which fails if ``dst``
+    exists) and an unlink of ``src``. Only a file system with neither (some FUSE mounts) gets a check and a
+    rename, two steps, so two writers of one name in the same instant could both pass the check there.
+    """
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in _UNSUPPORTED:
+            raise OSError(code, os.strerror(code), str(src), None, str(dst))
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if dst.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.replace(src, dst)
+        return
+    os.unlink(src)
+
+
 class FileOps:
     """The file-system calls a save makes, in one place, so tests can fail the N-th one for real.
 
@@ -77,8 +122,9 @@ class FileOps:
     def close(self, fd: int) -> None:
         os.close(fd)
 
-    def replace(self, src: Path, dst: Path) -> None:
-        os.replace(src, dst)
+    def rename_no_replace(self, src: Path, dst: Path) -> None:
+        """Rename ``src`` to ``dst``, or raise FileExistsError if ``dst`` exists: a committed name is never replaced."""
+        _rename_no_replace(src, dst)
 
     def fsync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -243,9 +289,12 @@ class LocalStore:
                 raise raw.error
             self._ops.fsync(raw.fd)
             raw.release()
-            if final.exists():
-                raise CheckpointExistsError(f"{final} was written by another writer meanwhile; not overwritten")
-            self._ops.replace(temp, final)
+            try:
+                self._ops.rename_no_replace(temp, final)
+            except FileExistsError:
+                raise CheckpointExistsError(
+                    f"{final} was written by another writer meanwhile; not overwritten"
+                ) from None
             committed = True
             self._ops.fsync_dir(self._path)
         except BaseException as exc:
@@ -259,7 +308,7 @@ class LocalStore:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
             cause = raw.error if isinstance(exc, Exception) and raw is not None and raw.error is not None else exc
-            if isinstance(cause, OSError):
+            if isinstance(cause, OSError) and not isinstance(cause, CheckpointExistsError):
                 raise _translate(cause, f"saving {final} failed; earlier checkpoints are intact", final) from None
             raise
 
