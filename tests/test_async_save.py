@@ -212,6 +212,25 @@ def test_a_close_interrupted_while_waiting_leaves_the_saver_open_and_the_error_r
 
 
 @pytest.mark.timeout(60)
+def test_a_save_whose_thread_cannot_start_fails_and_leaves_nothing_to_wait_for(
+    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saver = AsyncCheckpointSaver(manager)
+    with monkeypatch.context() as patch:
+
+        def at_thread_limit(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        patch.setattr(threading.Thread, "start", at_thread_limit)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            saver.save_last(make_checkpoint(0))
+    saver.wait()  # returns: the save never ran (it used to wait forever)
+    saver.save_last(make_checkpoint(10))
+    saver.close()
+    assert _names(manager) == ["ckpt_last_00000010.pt"]
+
+
+@pytest.mark.timeout(60)
 def test_background_failure_is_attached_to_the_callers_exception(manager: CheckpointManager, ops: GatedOps) -> None:
     ops.fail_next_fsync = True
     with pytest.raises(KeyError) as caught, AsyncCheckpointSaver(manager) as saver:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,10 @@ def test_a_name_committed_by_another_writer_during_the_save_is_never_replaced(
         monkeypatch.setattr("ml_playground.checkpoint.stores._local._RENAMEAT2", None)
     elif sys.platform != "linux":
         pytest.skip("renameat2 is Linux's")
+    else:
+        from ml_playground.checkpoint.stores import _local
+
+        assert _local._RENAMEAT2 is not None  # the path under test is the one taken
     store = LocalStore(tmp_path / "run", create=True, file_ops=OtherWriterCommitsFirst())
     expected = pytest.raises(CheckpointExistsError, match=r"ckpt_last_00000001\.pt was written by another writer")
     with expected, store.write("ckpt_last_00000001.pt") as stream:
@@ -57,3 +63,32 @@ def test_a_commit_leaves_only_the_final_file(tmp_path: Path, monkeypatch: pytest
         stream.write(b"ours")
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["ckpt_last_00000001.pt"]
     assert (tmp_path / "run" / "ckpt_last_00000001.pt").read_bytes() == b"ours"
+
+
+def test_a_name_with_a_nul_byte_is_refused(tmp_path: Path) -> None:
+    # renameat2 takes C strings: "ckpt_last_00000001.pt\0..." would commit as ckpt_last_00000001.pt
+    store = LocalStore(tmp_path / "run", create=True)
+    with pytest.raises(ValueError, match="not a valid object name"), store.write("ckpt_last_00000001.pt\0" + "a" * 300):
+        pass
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_linked_commit_whose_temporary_cannot_be_removed_is_still_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # where renameat2 is missing the commit is link + unlink: once linked, the checkpoint is there, and a
+    # failed unlink of the temporary must not report the save as failed (nor delete the committed file)
+    store = LocalStore(tmp_path / "run", create=True)
+    monkeypatch.setattr("ml_playground.checkpoint.stores._local._RENAMEAT2", None)
+    real_unlink = os.unlink
+
+    def failing_unlink(path: object, *args: object, **kwargs: object) -> None:
+        if ".ckpt-partial" in str(path):
+            raise OSError(errno.EIO, "injected I/O error", str(path))
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("ml_playground.checkpoint.stores._local.os.unlink", failing_unlink)
+    with store.write("ckpt_last_00000001.pt") as stream:
+        stream.write(b"ours")
+    assert (tmp_path / "run" / "ckpt_last_00000001.pt").read_bytes() == b"ours"
+    assert "could not remove its temporary" in caplog.text

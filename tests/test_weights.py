@@ -24,7 +24,12 @@ from ml_playground.checkpoint import (
     open_store,
 )
 from ml_playground.config_loader import parse_location
-from ml_playground.errors import CheckpointCorruptError, CheckpointRotatedAwayError, CheckpointSchemaError
+from ml_playground.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointRotatedAwayError,
+    CheckpointSchemaError,
+)
 from tests.conftest import ProtocolOnlyStore, make_checkpoint
 
 pytestmark = pytest.mark.timeout(60)
@@ -212,17 +217,22 @@ from pathlib import Path
 from ml_playground.checkpoint import CheckpointManager, LocalStore
 from ml_playground.errors import CheckpointCorruptError
 manager = CheckpointManager(LocalStore(Path(sys.argv[1])))
-try:
-    manager.load_weights(sys.argv[2])
-except CheckpointCorruptError as exc:
-    print("corrupt:", exc)
+for call in (
+    lambda: manager.load_weights(sys.argv[2]),
+    lambda: manager.load(sys.argv[2], map_location="meta", verify=False),
+    lambda: manager.load(sys.argv[2], mmap=True, verify=False),
+):
+    try:
+        call()
+    except CheckpointCorruptError as exc:
+        print("corrupt:", exc)
 """
 
 
 @pytest.mark.parametrize("value", [b"00", b"-0", b" 0"])
 def test_a_zero_storage_alignment_is_corrupt_not_a_crash(tmp_path: Path, value: bytes) -> None:
-    # torch divides by this record when it computes offsets: 0 killed the process with SIGFPE. It is not
-    # covered by the digests (a full load ignores it), so the weights-only load must check it first.
+    # torch divides by this record when it computes offsets (weights-only, mmap and meta loads): 0 killed
+    # the process with SIGFPE. The digests do not cover it, so every such load checks it first.
     manager = _local(tmp_path)
     name = manager.save_last(make_checkpoint(3, width=16)).filename
 
@@ -240,7 +250,23 @@ def test_a_zero_storage_alignment_is_corrupt_not_a_crash(tmp_path: Path, value: 
         cwd=Path(__file__).parent.parent,
     )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
-    assert f"corrupt: {tmp_path / 'run' / name} is damaged: its .storage_alignment record" in done.stdout
+    expected = f"corrupt: {tmp_path / 'run' / name} is damaged: its .storage_alignment record"
+    assert [line.startswith(expected) for line in done.stdout.splitlines()] == [True, True, True], done.stdout
+
+
+@pytest.mark.parametrize("load", ["load", "load_weights"])
+def test_a_file_of_the_other_byte_order_is_refused_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load: str
+) -> None:
+    # torch would byte-swap it (and the digests then call it damaged); the weights-only load, which reads
+    # the bytes itself, returned them unswapped
+    other = "big" if sys.byteorder == "little" else "little"
+    manager = _local(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "byteorder", other)  # what torch.save records as the file's byte order
+        name = manager.save_last(make_checkpoint(3, width=16)).filename
+    with pytest.raises(CheckpointError, match=rf"{name} was written on a {other}-endian machine"):
+        getattr(manager, load)(name)
 
 
 @pytest.mark.parametrize("make", [_local, _memory], ids=["local", "memory"])

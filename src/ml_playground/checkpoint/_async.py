@@ -220,9 +220,15 @@ class AsyncCheckpointSaver:
                 finished.set()
 
         # Not a daemon: interpreter shutdown joins it, so a process that exits still completes the save.
-        self._finished = finished
-        self._thread = threading.Thread(target=run, name=f"checkpoint-save-{name.filename}", daemon=False)
-        self._thread.start()
+        thread = threading.Thread(target=run, name=f"checkpoint-save-{name.filename}", daemon=False)
+        self._finished, self._thread = finished, thread  # recorded first: no moment where it runs unrecorded
+        try:
+            thread.start()
+        except BaseException:
+            if thread.ident is None:  # it never ran (e.g. the process's thread limit): nothing to wait for
+                self._thread = None
+                finished.set()
+            raise
 
     def _report_at_exit(self) -> None:
         # Runs after non-daemon threads were joined; nobody is left to raise to, so log it.

@@ -41,6 +41,7 @@ from torch.utils.serialization import config as serialization_config
 from ml_playground.checkpoint import _digests
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, check_plain_tree
 from ml_playground.checkpoint._migrations import MIGRATIONS, TENSOR_SECTIONS
+from ml_playground.checkpoint._zip_layout import check_archive_records
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -327,7 +328,10 @@ def _body(payload: Payload) -> Payload:
 
 def _load_payload(data: Source, source: str, map_location: torch.device | str | None, mmap: bool) -> Any:
     _check_magic(data, source)
+    meta = map_location is not None and torch.device(map_location).type == "meta"
     try:
+        if isinstance(data, Path) or meta:  # a stream only when torch would compute offsets from it
+            check_archive_records(data, source)
         with warnings.catch_warnings():
             # a damaged or foreign file makes torch warn about its pickle protocol; the outcome (an
             # error, or a verified load) must not depend on the caller's warning filters

@@ -38,7 +38,6 @@ from ml_playground.checkpoint._store import CheckpointStore, LocalPathStore, Par
 from ml_playground.checkpoint._zip_layout import (
     TAIL,
     Record,
-    check_storage_alignment,
     coalesce,
     data_offset,
     directory_start,
@@ -122,7 +121,6 @@ def read_weights(
     if first is not None:  # torch reads data/0's whole local header; it may be longer than usual
         fetched.ensure([(first.header_offset, data_offset(path, first, source))])
 
-    check_storage_alignment(path, records, source)
     payload = _codec.load_mapped(path, source)  # reads the pickle and the headers fetched; no tensor bytes
     version = _codec._check_header(payload, source)
     by_pointer = match_storages(_storages(payload, payload.keys()), records, source)

@@ -13,21 +13,24 @@ and coalesces ranges. It does no I/O but reading the local file it is given.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
+import sys
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 
-from ml_playground.errors import CheckpointCorruptError
+from ml_playground.errors import CheckpointCorruptError, CheckpointError
 
 __all__ = [
     "TAIL",
     "Record",
-    "check_storage_alignment",
+    "check_archive_records",
     "coalesce",
     "data_offset",
     "directory_start",
@@ -102,6 +105,8 @@ def read_records(path: Path, directory: int, source: str) -> list[Record]:
     try:
         with zipfile.ZipFile(path) as archive:
             infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
+    except MemoryError:
+        raise
     except Exception as exc:  # zipfile fails on a damaged directory in many ways (NotImplementedError, ...)
         raise CheckpointCorruptError(f"{source} has an unreadable zip directory ({exc})") from None
     ends = [info.header_offset for info in infos[1:]] + [directory]
@@ -113,23 +118,55 @@ def read_records(path: Path, directory: int, source: str) -> list[Record]:
     return records
 
 
-def check_storage_alignment(path: Path, records: Sequence[Record], source: str) -> None:
-    """The ``.storage_alignment`` record must read as a positive integer.
+def check_archive_records(data: Path | IO[bytes], source: str) -> None:
+    """Refuse what ``torch.load`` would mishandle in two small records the tensor digests do not cover.
 
-    ``torch.load`` divides by it when it computes storage offsets (``calculate_storage_offsets``, which
-    :func:`~ml_playground.checkpoint._codec.load_mapped` turns on): a damaged ``0`` would kill the process
-    with SIGFPE instead of raising. The record is not covered by the tensor digests, so check it first.
+    - ``.storage_alignment``: torch divides by it when it computes storage offsets (memory-mapped loads
+      with ``calculate_storage_offsets``, and ``map_location="meta"``); a damaged ``0`` would kill the
+      process with SIGFPE instead of raising.
+    - ``byteorder``: torch byte-swaps a file written on a machine of the other byte order; the digests
+      (of the writer's bytes) would then call a healthy file damaged, and a weights-only load, which
+      reads the bytes itself, would not swap them.
     """
-    record = next((r for r in records if r.name.endswith("/.storage_alignment")), None)
-    if record is None:
-        return  # torch then uses its default, 64
-    with path.open("rb") as handle:
-        handle.seek(data_offset(path, record, source))
-        value = handle.read(record.size)
-    if not re.fullmatch(rb"[1-9][0-9]{0,8}", value):
+    alignment = _small_record(data, "/.storage_alignment", source)
+    if alignment is not None and not re.fullmatch(rb"[1-9][0-9]{0,8}", alignment):
         raise CheckpointCorruptError(
-            f"{source} is damaged: its .storage_alignment record reads {value[:16]!r}, not a positive integer"
+            f"{source} is damaged: its .storage_alignment record reads {alignment[:16]!r}, not a positive integer"
         )
+    order = _small_record(data, "/byteorder", source)
+    if order is not None and order != sys.byteorder.encode():
+        raise CheckpointError(
+            f"{source} was written on a {order[:16].decode('ascii', 'replace')}-endian machine; this one is "
+            f"{sys.byteorder}-endian, and loading across byte orders is not supported"
+        )
+
+
+def _small_record(data: Path | IO[bytes], suffix: str, source: str) -> bytes | None:
+    """The first 64 bytes of the member whose name ends with ``suffix``; None if there is none, or if the
+    directory is unreadable (the load that follows reports that). Read past zipfile, whose CRC check would
+    fail: ``encode`` writes no CRCs."""
+    with contextlib.ExitStack() as stack:
+        handle = stack.enter_context(data.open("rb")) if isinstance(data, Path) else data
+        start = handle.tell()
+        try:
+            try:
+                infos = zipfile.ZipFile(handle).infolist()
+            except MemoryError:
+                raise
+            except Exception:
+                return None
+            info = next((i for i in infos if i.filename.endswith(suffix)), None)
+            if info is None:
+                return None
+            handle.seek(info.header_offset)
+            header = handle.read(_LOCAL_HEADER_SIZE)
+            if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
+                raise CheckpointCorruptError(f"{source} is damaged: the zip record {info.filename} has no local header")
+            name_length, extra_length = struct.unpack_from("<HH", header, 26)
+            handle.seek(info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length)
+            return handle.read(min(info.file_size, 64))
+        finally:
+            handle.seek(start)
 
 
 def header_range(record: Record) -> tuple[int, int]:

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import hashlib
 import io
+import logging
 import os
 import secrets
 import socket
@@ -25,6 +26,8 @@ from ml_playground.errors import (
 )
 
 __all__ = ["FileOps", "LocalStore"]
+
+logger = logging.getLogger(__name__)
 
 _HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
 _MAX_NAME_BYTES = 255
@@ -64,9 +67,10 @@ def _load_renameat2() -> Any:
 _RENAMEAT2 = _load_renameat2()
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
-_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
-"""What ``renameat2`` answers on a file system without ``RENAME_NOREPLACE`` (NFS, many FUSE mounts)."""
-_NO_HARD_LINKS = {errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+"""What ``renameat2`` answers on a file system without ``RENAME_NOREPLACE`` (NFS, many FUSE mounts), or
+under a seccomp filter that refuses the call (EPERM; a real permission problem fails the link again)."""
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 def _rename_no_replace(src: Path, dst: Path) -> None:
@@ -91,7 +95,11 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
         os.replace(src, dst)
         return
-    os.unlink(src)
+    # Linked: the checkpoint is committed. A temporary left behind is disk space, not a wrong checkpoint.
+    try:
+        os.unlink(src)
+    except OSError as exc:
+        logger.warning("committed %s but could not remove its temporary %s (%s); delete it by hand", dst, src, exc)
 
 
 class FileOps:
@@ -325,7 +333,7 @@ class LocalStore:
                     os.unlink(self._path / name)
 
     def _child(self, name: str) -> Path:
-        if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(TEMP_PREFIX):
+        if not name or any(c in name for c in "/\\\0") or name in (".", "..") or name.startswith(TEMP_PREFIX):
             raise ValueError(f"{name!r} is not a valid object name in {self._path}")
         return self._path / name
 
