@@ -252,7 +252,7 @@ def decode(
 
 
 def usable_device(map_location: torch.device | str | None, source: str) -> torch.device | None:
-    """``map_location`` as a device this process can allocate on, checked before anything is read: an
+    """``map_location`` as a device this process can allocate on, checked before the file is decoded: an
     unavailable one (``"cuda"`` on a CPU-only build) would otherwise fail mid-load like a damaged file."""
     if map_location is None:
         return None
