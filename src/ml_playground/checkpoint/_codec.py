@@ -41,7 +41,7 @@ from torch.utils.serialization import config as serialization_config
 from ml_playground.checkpoint import _digests
 from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, check_plain_tree
 from ml_playground.checkpoint._migrations import MIGRATIONS, TENSOR_SECTIONS
-from ml_playground.checkpoint._zip_layout import check_archive_records
+from ml_playground.checkpoint._zip_layout import check_storage_alignment, refuse_other_byte_order
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -242,7 +242,11 @@ def decode(
     payload = _load_payload(data, source, "cpu" if elsewhere else map_location, mmap)
     version = _check_header(payload, source)
     if verify:
-        verify_sections(payload, source)
+        try:
+            verify_sections(payload, source)
+        except CheckpointCorruptError:
+            refuse_other_byte_order(data, source, "its checksums cannot be checked here")
+            raise
     if elsewhere and device is not None:
         payload = on_device(payload, device)
     while version < FORMAT_VERSION:
@@ -331,7 +335,7 @@ def _load_payload(data: Source, source: str, map_location: torch.device | str | 
     meta = map_location is not None and torch.device(map_location).type == "meta"
     try:
         if isinstance(data, Path) or meta:  # a stream only when torch would compute offsets from it
-            check_archive_records(data, source)
+            check_storage_alignment(data, source)
         with warnings.catch_warnings():
             # a damaged or foreign file makes torch warn about its pickle protocol; the outcome (an
             # error, or a verified load) must not depend on the caller's warning filters

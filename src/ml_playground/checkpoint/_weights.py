@@ -44,6 +44,7 @@ from ml_playground.checkpoint._zip_layout import (
     header_range,
     match_storages,
     read_records,
+    refuse_other_byte_order,
 )
 from ml_playground.errors import CheckpointCorruptError, CheckpointSchemaError
 
@@ -121,6 +122,7 @@ def read_weights(
     if first is not None:  # torch reads data/0's whole local header; it may be longer than usual
         fetched.ensure([(first.header_offset, data_offset(path, first, source))])
 
+    refuse_other_byte_order(path, source, "its weights cannot be read without the optimizer state")
     payload = _codec.load_mapped(path, source)  # reads the pickle and the headers fetched; no tensor bytes
     version = _codec._check_header(payload, source)
     by_pointer = match_storages(_storages(payload, payload.keys()), records, source)

@@ -30,13 +30,14 @@ from ml_playground.errors import CheckpointCorruptError, CheckpointError
 __all__ = [
     "TAIL",
     "Record",
-    "check_archive_records",
+    "check_storage_alignment",
     "coalesce",
     "data_offset",
     "directory_start",
     "header_range",
     "match_storages",
     "read_records",
+    "refuse_other_byte_order",
 ]
 
 TAIL = 64 * 2**10
@@ -118,26 +119,32 @@ def read_records(path: Path, directory: int, source: str) -> list[Record]:
     return records
 
 
-def check_archive_records(data: Path | IO[bytes], source: str) -> None:
-    """Refuse what ``torch.load`` would mishandle in two small records the tensor digests do not cover.
+def check_storage_alignment(data: Path | IO[bytes], source: str) -> None:
+    """The ``.storage_alignment`` record must read as a positive integer.
 
-    - ``.storage_alignment``: torch divides by it when it computes storage offsets (memory-mapped loads
-      with ``calculate_storage_offsets``, and ``map_location="meta"``); a damaged ``0`` would kill the
-      process with SIGFPE instead of raising.
-    - ``byteorder``: torch byte-swaps a file written on a machine of the other byte order; the digests
-      (of the writer's bytes) would then call a healthy file damaged, and a weights-only load, which
-      reads the bytes itself, would not swap them.
+    torch divides by it when it computes storage offsets (memory-mapped loads with
+    ``calculate_storage_offsets``, and ``map_location="meta"``): a damaged ``0`` would kill the process
+    with SIGFPE instead of raising. The tensor digests do not cover it.
     """
     alignment = _small_record(data, "/.storage_alignment", source)
     if alignment is not None and not re.fullmatch(rb"[1-9][0-9]{0,8}", alignment):
         raise CheckpointCorruptError(
             f"{source} is damaged: its .storage_alignment record reads {alignment[:16]!r}, not a positive integer"
         )
+
+
+def refuse_other_byte_order(data: Path | IO[bytes], source: str, what: str) -> None:
+    """Raise if the archive was written on a machine of the other byte order (its ``byteorder`` record).
+
+    torch swaps such a file's bytes when it loads it, so the values are right, but the digests (of the
+    writer's bytes) cannot be checked, and a reader of the raw bytes would get them unswapped. ``what``
+    says what cannot be done, and the message what can.
+    """
     order = _small_record(data, "/byteorder", source)
     if order is not None and order != sys.byteorder.encode():
         raise CheckpointError(
-            f"{source} was written on a {order[:16].decode('ascii', 'replace')}-endian machine; this one is "
-            f"{sys.byteorder}-endian, and loading across byte orders is not supported"
+            f"{source} was written on a {order[:16].decode('ascii', 'replace')}-endian machine and this one is "
+            f"{sys.byteorder}-endian: {what}. Load it whole with verify=False (torch swaps its bytes)."
         )
 
 
