@@ -216,6 +216,34 @@ def test_ctrl_c_while_parts_are_in_flight_aborts_everything(
     check_clean(store)
 
 
+@pytest.mark.usefixtures("ctrl_c_enabled")
+@pytest.mark.parametrize(
+    ("request_name", "data"),
+    [("PutObject", PREVIOUS[:1000]), ("CreateMultipartUpload", BIG)],
+    ids=["single-put-commit", "create-multipart"],
+)
+def test_ctrl_c_while_a_commit_or_create_runs_leaves_nothing_once_it_lands(
+    store: FsspecStore, check_clean: Callable[[CheckpointStore], None], request_name: str, data: bytes
+) -> None:
+    # Ctrl-C stops our wait, not the request (it runs on fsspec's loop): it used to land after the save
+    # had failed, publishing the checkpoint (PutObject) or leaving an open upload (Create...)
+    import _thread
+    import asyncio
+
+    client = _client(store)
+
+    async def interrupt_main_while_sending(**_: Any) -> None:
+        client.meta.events.unregister(f"before-send.s3.{request_name}", interrupt_main_while_sending)
+        _thread.interrupt_main()
+        await asyncio.sleep(1.5)  # the request is still on its way when the KeyboardInterrupt is raised
+
+    client.meta.events.register(f"before-send.s3.{request_name}", interrupt_main_while_sending)
+    with pytest.raises(KeyboardInterrupt):
+        _write(store, NEW, data)
+    time.sleep(2)  # long after the request landed
+    check_clean(store)
+
+
 def test_next_writer_aborts_uploads_a_killed_writer_left_in_its_location(
     s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
 ) -> None:

@@ -14,7 +14,11 @@ object, parts go up one at a time, and a failed commit leaves the multipart uplo
 - a commit whose outcome is unknown (the connection died, or a retry of a request that had landed got
   412) is settled by a ``HeadObject``: the object counts as ours only if it carries this upload's
   random write id and the expected size. If it was committed while the caller gave up (Ctrl-C during
-  the commit), :meth:`S3Upload.abort` deletes it again.
+  the commit), :meth:`S3Upload.abort` deletes it again;
+- a Ctrl-C stops only our wait for a request, not the request (it runs on fsspec's event loop): the
+  commit and the creation of the multipart upload are tracked, and :meth:`S3Upload.abort` first waits
+  for what is still running (at most 30 s), so a commit that lands late is deleted and an upload
+  created late is aborted.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class S3Upload(io.RawIOBase):
         self._parts: list[dict[str, Any]] = []
         self._in_flight: dict[concurrent.futures.Future[dict[str, Any]], int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._requests: dict[concurrent.futures.Future[Any], str] = {}  # commit/create requests a Ctrl-C left
         self._committing = False
         self.failure: CheckpointError | None = None
         """The store's own error raised from :meth:`write`, kept because callers such as ``torch.save``
@@ -121,10 +126,8 @@ class S3Upload(io.RawIOBase):
         body.seek(0)
         self._committing = True
         try:
-            self._fs.call_s3(
+            self._request(
                 "put_object",
-                Bucket=self._bucket,
-                Key=self._key,
                 Body=body,
                 IfNoneMatch="*",
                 Metadata={WRITE_ID_KEY: self._write_id},
@@ -136,10 +139,8 @@ class S3Upload(io.RawIOBase):
         parts = sorted(self._parts, key=lambda part: int(part["PartNumber"]))
         self._committing = True
         try:
-            self._fs.call_s3(
+            self._request(
                 "complete_multipart_upload",
-                Bucket=self._bucket,
-                Key=self._key,
                 UploadId=self._upload_id,
                 MultipartUpload={"Parts": parts},
                 IfNoneMatch="*",
@@ -177,6 +178,7 @@ class S3Upload(io.RawIOBase):
         """
         self._buffer = io.BytesIO()
         self.close()
+        self._settle_requests()
         try:
             self._cancel_in_flight()
         except Exception as exc:  # cleanup must not replace the caller's exception
@@ -196,6 +198,42 @@ class S3Upload(io.RawIOBase):
                 )
         if self._committing:
             self._delete_if_ours()
+
+    def _request(self, method: str, **kwargs: Any) -> Any:
+        """``fs.call_s3(method, ...)`` on this object, tracked until it returns (see the module docstring)."""
+        future = asyncio.run_coroutine_threadsafe(
+            self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs), self._fs.loop
+        )
+        self._requests[future] = method
+        try:
+            while not future.done():  # in slices, so that a Ctrl-C is noticed while the request runs
+                concurrent.futures.wait([future], timeout=1)
+            result = future.result()
+        except BaseException:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                del self._requests[future]  # the request's own failure, which the caller handles
+            raise
+        del self._requests[future]
+        return result
+
+    def _settle_requests(self) -> None:
+        """Wait for requests a Ctrl-C left running; learn the id of an upload created meanwhile."""
+        if not self._requests:
+            return
+        done, running = concurrent.futures.wait(self._requests, timeout=_SETTLE_TIMEOUT)
+        for future in done:
+            if future.cancelled() or future.exception() is not None:
+                continue
+            if self._requests[future] == "create_multipart_upload" and self._upload_id is None:
+                self._upload_id = str(future.result()["UploadId"])
+        for future in running:
+            logger.warning(
+                "a %s request for %s was still running %.0f s after the save was abandoned; check that object",
+                self._requests[future],
+                self._url,
+                _SETTLE_TIMEOUT,
+            )
+        self._requests.clear()
 
     def _delete_if_ours(self) -> None:
         try:
@@ -224,12 +262,7 @@ class S3Upload(io.RawIOBase):
     def _send_part(self, body: io.BytesIO) -> None:
         body.seek(0)
         if self._upload_id is None:
-            response = self._fs.call_s3(
-                "create_multipart_upload",
-                Bucket=self._bucket,
-                Key=self._key,
-                Metadata={WRITE_ID_KEY: self._write_id},
-            )
+            response = self._request("create_multipart_upload", Metadata={WRITE_ID_KEY: self._write_id})
             self._upload_id = str(response["UploadId"])
         while len(self._in_flight) >= self._max_concurrency:
             self._collect(concurrent.futures.FIRST_COMPLETED)
