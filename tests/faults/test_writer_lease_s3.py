@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,9 +13,10 @@ import pytest
 from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
 from ml_playground.checkpoint._lease import LEASE_NAME
 from ml_playground.checkpoint._lease_s3 import S3WriterLease
-from ml_playground.errors import LocationLockedError
+from ml_playground.errors import CheckpointError, LocationLockedError
 from tests.conftest import make_checkpoint
-from tests.servers import S3LocationFactory
+from tests.servers import MotoServer, S3LocationFactory
+from tests.tcp_proxy import CuttingProxy
 
 pytestmark = pytest.mark.s3
 
@@ -123,3 +125,61 @@ def _race(store: Any, contenders: int) -> list[str]:
     for thread in threads:
         thread.join(30)
     return results
+
+
+@pytest.fixture
+def proxied_location(moto_server: MotoServer, s3_location: S3LocationFactory) -> Iterator[tuple[CuttingProxy, Any]]:
+    port = int(moto_server.endpoint.rsplit(":", 1)[1])
+    with CuttingProxy(port) as proxy:
+        yield proxy, s3_location(endpoint_url=proxy.endpoint, read_timeout=5)
+
+
+def _drop_lease_put_responses(proxy: CuttingProxy, bucket: str, count: int) -> None:
+    lease_put = f"PUT /{bucket}/{KEY}".encode()
+    proxy.drop_response_when = lambda head: head.startswith(lease_put)
+    proxy.drops, proxy.drop_count = count, 0
+
+
+def test_a_lease_put_whose_response_was_lost_is_still_ours(
+    proxied_location: tuple[CuttingProxy, Any], s3_admin: Any, s3_bucket: str
+) -> None:
+    # botocore retries the PUT; the retry answers 412 because the first attempt landed. That is our own
+    # lease: acquiring must succeed (it was refused by itself), and a heartbeat must not call it lost
+    proxy, location = proxied_location
+    manager = CheckpointManager(open_store(location, create=True), KeepPolicy(last=2, best=1))
+    _drop_lease_put_responses(proxy, s3_bucket, 1)
+    lease = manager.acquire_writer(ttl=4)
+    assert proxy.drop_count == 1
+    _drop_lease_put_responses(proxy, s3_bucket, 1)
+    deadline = time.monotonic() + 10
+    while proxy.drop_count < 1 and time.monotonic() < deadline:  # a heartbeat (every ttl / 4 = 1 s)
+        time.sleep(0.1)
+    assert proxy.drop_count == 1
+    time.sleep(1.5)  # the heartbeat has settled the 412
+    manager.save_last(make_checkpoint(1))  # checks the lease: still ours
+    lease.release()
+    assert s3_admin.list_objects_v2(Bucket=s3_bucket, Prefix=KEY).get("KeyCount", 0) == 0
+
+
+def test_a_writer_whose_heartbeats_fail_renews_before_saving_or_stops(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
+) -> None:
+    # check() used to compare only the token: a writer went on saving on a lease that had expired
+    manager = _manager(s3_location)
+    lease = manager.acquire_writer(ttl=2)
+    client = manager.store.filesystem.connect()  # type: ignore[attr-defined]
+
+    def refuse_lease_writes(params: dict[str, Any], **_: Any) -> None:
+        if params.get("Key") == KEY:
+            raise RuntimeError("injected: the lease cannot be written")
+
+    client.meta.events.register("before-parameter-build.s3.PutObject", refuse_lease_writes)
+    time.sleep(1.5)  # past ttl / 2 without a renewal
+    with pytest.raises(CheckpointError, match=r"writer lease"):
+        manager.save_last(make_checkpoint(1))
+    client.meta.events.unregister("before-parameter-build.s3.PutObject", refuse_lease_writes)
+    manager.save_last(make_checkpoint(1))  # renewed, then saved
+    record = json.loads(s3_admin.get_object(Bucket=s3_bucket, Key=KEY)["Body"].read())
+    assert record["token"] == lease.holder.token
+    assert record["expires_at"] > time.time() + 1
+    lease.release()

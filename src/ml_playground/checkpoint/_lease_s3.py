@@ -8,7 +8,11 @@
   one raises LocationLockedError unless ``force=True``. A holder on this host whose process is alive
   is live whatever its expiry says (its heartbeat may have met a network fault).
 - heartbeat: every ``ttl / 4`` a ``PutObject`` ``If-Match: <our ETag>`` with a new ``expires_at``; a
-  412 means it was taken over, and the next :meth:`check` says so.
+  412 means it was taken over, and the next :meth:`check` says so. :meth:`check` also renews the lease
+  itself when the last renewal is older than ``ttl / 2`` (failing heartbeats), so a writer never goes on
+  saving on a lease that may have expired: that renewal succeeds or the save fails.
+- a conditional PUT whose response was lost is retried by botocore and the retry answers 412 although
+  the first attempt landed: a 412 is settled by reading the lease, which is ours if it holds our token.
 - release: ``DeleteObject`` ``If-Match: <our ETag>``: a lease taken over by another is left alone.
 
 A writer that died (SIGKILL, preemption, lost node) blocks its restart for at most ``ttl`` seconds.
@@ -52,6 +56,8 @@ class S3WriterLease(Lease):
         self._bucket, self._key = bucket, f"{prefix}/{LEASE_NAME}" if prefix else LEASE_NAME
         self._lease_url = f"{url}/{LEASE_NAME}"
         self._etag: str | None = None
+        self._renewed = time.monotonic()
+        self._renewing = threading.Lock()
         self._lost = False
         self._stop = threading.Event()
         self._acquire(force)
@@ -65,6 +71,8 @@ class S3WriterLease(Lease):
         current = self._get()
         if self._lost or current is None or current[0].get("token") != self.holder.token:
             raise self._taken_over(self.location, _describe(current[0]) if current is not None else None)
+        if time.monotonic() - self._renewed > self.ttl / 2:  # the heartbeat has been failing
+            self._renew()
 
     def release(self) -> None:
         self._stop.set()
@@ -82,13 +90,16 @@ class S3WriterLease(Lease):
             self._etag = self._put(IfNoneMatch="*")
             return
         except _Conflict:
-            pass
+            if self._adopt_if_ours():
+                return
         current = self._get()
         if current is None:  # released meanwhile: try once more, as a fresh lease
             try:
                 self._etag = self._put(IfNoneMatch="*")
                 return
             except _Conflict:
+                if self._adopt_if_ours():
+                    return
                 raise self._locked("another writer took it at the same moment") from None
         record, etag = current
         alive, why = self._holder_state(record)
@@ -98,7 +109,8 @@ class S3WriterLease(Lease):
         try:
             self._etag = self._put(IfMatch=etag)
         except _Conflict:
-            raise self._locked("another writer took it over at the same moment") from None
+            if not self._adopt_if_ours():
+                raise self._locked("another writer took it over at the same moment") from None
 
     def _holder_state(self, record: dict[str, Any]) -> tuple[bool, str]:
         pid = record.get("pid")
@@ -122,12 +134,33 @@ class S3WriterLease(Lease):
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
+                self._renew()
+            except LocationLockedError:
+                return
+            except CheckpointError as exc:  # transient: the next beat (or check()) retries before it expires
+                logger.warning("writer lease heartbeat on %s failed: %s", self.location, exc)
+
+    def _renew(self) -> None:
+        """Extend the lease (a conditional PUT on our ETag); LocationLockedError if it is no longer ours."""
+        with self._renewing:
+            if self._lost:
+                raise self._taken_over(self.location, None)
+            try:
                 self._etag = self._put(IfMatch=self._etag or "")
             except _Conflict:
-                self._lost = True
-                return
-            except CheckpointError as exc:  # transient: the next beat retries before the lease expires
-                logger.warning("writer lease heartbeat on %s failed: %s", self.location, exc)
+                if not self._adopt_if_ours():
+                    self._lost = True
+                    raise self._taken_over(self.location, None) from None
+
+    def _adopt_if_ours(self) -> bool:
+        """After a 412: whether the lease holds our token after all (a retried PUT whose first attempt
+        landed); if so, its current ETag becomes ours."""
+        current = self._get()
+        if current is None or current[0].get("token") != self.holder.token:
+            return False
+        self._etag = current[1]
+        self._renewed = time.monotonic()
+        return True
 
     # ------------------------------------------------------------ S3 calls
 
@@ -135,6 +168,7 @@ class S3WriterLease(Lease):
         record = {**asdict(self.holder), "expires_at": time.time() + self.ttl}
         body = json.dumps(record, sort_keys=True).encode()
         response = self._call("writing the writer lease", "put_object", Body=body, **condition)
+        self._renewed = time.monotonic()
         return str(response["ETag"])
 
     def _get(self) -> tuple[dict[str, Any], str] | None:
