@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_playground.checkpoint import CheckpointManager, KeepPolicy, LocalStore, WriterLease
+from ml_playground.checkpoint import CheckpointManager, FileOps, KeepPolicy, LocalStore, WriterLease
 from ml_playground.checkpoint._lease import LEASE_NAME
 from ml_playground.errors import CheckpointError, LocationLockedError
 from tests.conftest import make_checkpoint
@@ -224,3 +224,25 @@ def _read_one(fd: int) -> bytes:
             continue
         return data
     raise AssertionError("a contender never answered")
+
+
+def test_a_lease_taken_over_during_a_save_stops_the_rotation_after_it(tmp_path: Path) -> None:
+    # the lease was checked only before the write: a writer whose lease was taken over during a long
+    # save still rotated, deleting files from its stale view of a location that is no longer its own
+    run = tmp_path / "run"
+    armed, takeover = [False], []
+
+    class TakenOverWhileWriting(FileOps):
+        def fsync(self, fd: int) -> None:
+            if armed[0] and not takeover:
+                takeover.append(_manager(run).acquire_writer(force=True))
+            super().fsync(fd)
+
+    old = CheckpointManager(LocalStore(run, create=True, file_ops=TakenOverWhileWriting()), KeepPolicy(last=1, best=0))
+    with old.acquire_writer():
+        old.save_last(make_checkpoint(1))
+        armed[0] = True
+        with pytest.raises(LocationLockedError, match="ckpt_last_00000002.pt was saved, but rotation failed"):
+            old.save_last(make_checkpoint(2))
+    assert sorted(path.name for path in run.glob("ckpt_*")) == ["ckpt_last_00000001.pt", "ckpt_last_00000002.pt"]
+    takeover[0].release()

@@ -213,11 +213,13 @@ class WriterLease(Lease):
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
-            with contextlib.suppress(OSError, CheckpointError):
+            try:
                 current = self._read()
                 if current is None or current.token != self.holder.token:
                     return  # taken over: the next check() reports it
                 os.utime(self._path)
+            except (OSError, CheckpointError) as exc:  # the next beat retries before the lease expires
+                logger.warning("writer lease heartbeat on %s failed: %s", self.location, exc)
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:

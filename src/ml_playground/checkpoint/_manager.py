@@ -174,7 +174,9 @@ class CheckpointManager:
             self._seen(added=name)
         logger.info("saved %s/%s", self.store.url, name.filename)
         try:
-            self._rotate(protect=name)  # the lease was checked just before the write
+            if self.lease is not None:  # again: it may have been taken over during a long upload
+                self.lease.check()
+            self._rotate(protect=name)
         except CheckpointError as exc:
             # The save itself succeeded; say so, so nobody retries it or thinks it is lost.
             raise type(exc)(
