@@ -95,3 +95,16 @@ def test_an_object_replaced_during_the_load_fails_instead_of_mixing_bytes(
     with pytest.raises(StorageError, match=f"{filename} was replaced while being loaded"):
         manager.load(filename)
     assert list(temp_dir.glob("ml_playground-load-*")) == []
+
+
+@pytest.mark.parametrize("load", ["load", "load_weights"])
+def test_a_temporary_directory_that_is_gone_is_a_storage_error_naming_it(
+    s3_location: S3LocationFactory, temp_dir: Path, monkeypatch: pytest.MonkeyPatch, load: str
+) -> None:
+    # a raw FileNotFoundError escaped (and translated as the object's, it would read "no such object")
+    manager, filename, _ = _saved(s3_location)
+    monkeypatch.setattr("tempfile.tempdir", str(temp_dir))  # as a running job has it, found once
+    shutil.rmtree(temp_dir)  # TMPDIR removed under the job
+    with pytest.raises(StorageError, match=rf"loading .*{filename}: the local temporary copy in {temp_dir}") as caught:
+        getattr(manager, load)(filename)
+    assert not isinstance(caught.value, CheckpointNotFoundError)

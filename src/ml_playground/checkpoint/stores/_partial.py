@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_playground.checkpoint._store import PartialCopy
-from ml_playground.checkpoint.stores._s3_download import fetch_ranges, head, sized_temp_file, split
+from ml_playground.checkpoint.stores._s3_download import fetch_ranges, head, local_staging, sized_temp_file, split
 from ml_playground.checkpoint.stores._translate import translated
 from ml_playground.errors import CheckpointCorruptError, StorageError
 
@@ -62,7 +62,8 @@ class SparseCopy:
         if not wanted:
             return
         total = sum(end - start for start, end in wanted)
-        free = shutil.disk_usage(self._path.parent).free
+        with local_staging(self._url, self._path.parent):
+            free = shutil.disk_usage(self._path.parent).free
         if free < total + _SPARE:
             raise StorageError(
                 f"{self._path.parent} has {free >> 20} MiB free, too little for the {total >> 20} MiB of "
@@ -96,16 +97,19 @@ def partial_copy(
             _cat_into(fs, url, path, split(ranges, _CAT_PIECE), max(1, max_concurrency))
 
     directory = tempfile.gettempdir()
-    if shutil.disk_usage(directory).free < _SPARE:
+    with local_staging(url, directory):
+        free = shutil.disk_usage(directory).free
+    if free < _SPARE:
         logger.info("%s is nearly full: loading all of %s instead of its weights", directory, url)
         yield None
         return
-    with sized_temp_file("ml_playground-weights-", size) as path:
+    with sized_temp_file("ml_playground-weights-", size, url) as path:
         yield SparseCopy(path, size, url, fetcher)
 
 
 def _cat_into(fs: Any, url: str, path: Path, pieces: list[tuple[int, int]], batch: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
+    with local_staging(url, path):
+        fd = os.open(path, os.O_WRONLY)
     try:
         for first in range(0, len(pieces), batch):
             group = pieces[first : first + batch]
@@ -116,6 +120,7 @@ def _cat_into(fs: Any, url: str, path: Path, pieces: list[tuple[int, int]], batc
             for (start, end), body in zip(group, bodies, strict=True):
                 if len(body) != end - start:
                     raise StorageError(f"loading {url}: bytes {start}-{end - 1} ended after {len(body)} bytes")
-                os.pwrite(fd, body, start)
+                with local_staging(url, path):
+                    os.pwrite(fd, body, start)
     finally:
         os.close(fd)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ml_playground.checkpoint.stores._translate import error_code, translate, translated
-from ml_playground.errors import CheckpointError, StorageError
+from ml_playground.errors import CheckpointError, MLPlaygroundError, StorageError
 
-__all__ = ["ObjectId", "downloaded", "fetch_ranges", "head", "sized_temp_file", "split"]
+__all__ = ["ObjectId", "downloaded", "fetch_ranges", "head", "local_staging", "sized_temp_file", "split"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,26 +58,44 @@ def downloaded(fs: Any, url: str, *, range_size: int, max_concurrency: int) -> I
     """
     object_id, size = head(fs, url)
     directory = tempfile.gettempdir()
-    free = shutil.disk_usage(directory).free
+    with local_staging(url, directory):
+        free = shutil.disk_usage(directory).free
     if free < size + _SPARE:
         logger.info("%s has %d MiB free, too little for %s: streaming it instead", directory, free >> 20, url)
         yield None
         return
-    with sized_temp_file("ml_playground-load-", size) as path:
+    with sized_temp_file("ml_playground-load-", size, url) as path:
         fetch_ranges(fs, url, object_id, path, split([(0, size)], range_size), max_concurrency)
         yield path
 
 
 @contextlib.contextmanager
-def sized_temp_file(prefix: str, size: int) -> Iterator[Path]:
+def local_staging(url: str, where: str | Path) -> Iterator[None]:
+    """The block's local file errors (staging ``url`` in ``where``) as StorageError naming both."""
+    try:
+        yield
+    except MLPlaygroundError:
+        raise
+    except OSError as exc:
+        raise StorageError(
+            f"loading {url}: the local temporary copy in {where} failed ({exc.strerror or exc}); "
+            "point TMPDIR at a writable directory with free space"
+        ) from None
+
+
+@contextlib.contextmanager
+def sized_temp_file(prefix: str, size: int, url: str) -> Iterator[Path]:
     """A new temporary file of ``size`` bytes (a hole until written) in ``TMPDIR``, deleted on exit."""
-    fd, name = tempfile.mkstemp(prefix=prefix, dir=tempfile.gettempdir())
+    directory = tempfile.gettempdir()
+    with local_staging(url, directory):
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=directory)
     path = Path(name)
     try:
-        try:
-            os.truncate(fd, size)
-        finally:
-            os.close(fd)
+        with local_staging(url, path):
+            try:
+                os.truncate(fd, size)
+            finally:
+                os.close(fd)
         yield path
     finally:
         path.unlink(missing_ok=True)
@@ -105,11 +123,13 @@ def fetch_ranges(
             offset = start
             # Each range writes through its own descriptor: one left running after the caller gave up
             # (Ctrl-C) then writes only into the already deleted file, never into a reused descriptor.
-            fd = os.open(path, os.O_WRONLY)
+            with local_staging(url, path):
+                fd = os.open(path, os.O_WRONLY)
             try:
                 async with response["Body"] as body:
                     while piece := await body.read(_PIECE):
-                        os.pwrite(fd, piece, offset)
+                        with local_staging(url, path):
+                            os.pwrite(fd, piece, offset)
                         offset += len(piece)
             finally:
                 os.close(fd)
