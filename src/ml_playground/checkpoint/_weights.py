@@ -130,11 +130,12 @@ def read_weights(
     del payload
     fetched.ensure((record.header_offset, record.end) for record in needed)
 
-    payload = _codec.load_mapped(path, source)  # the same pickle, now over the fetched bytes
-    offsets = _checked_offsets(payload, records, path, source)
-    # The weights are read from the file into memory of their own (never through the mapping, whose
-    # pages would count next to the copy), and those copies are what is verified and returned.
+    # Opened before the mapping: both then read the same file even if rotation deletes its name meanwhile.
     with path.open("rb", buffering=0) as handle:
+        payload = _codec.load_mapped(path, source)  # the same pickle, now over the fetched bytes
+        offsets = _checked_offsets(payload, records, path, source)
+        # The weights are read from the file into memory of their own (never through the mapping, whose
+        # pages would count next to the copy), and those copies are what is verified and returned.
         copies: dict[int, torch.UntypedStorage] = {}
         weights = {
             section: _codec.with_storages(payload[section], lambda s: _read_storage(handle, offsets, s, source), copies)
