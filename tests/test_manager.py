@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ml_playground.checkpoint import CheckpointManager, KeepPolicy, LocalStore
+from ml_playground import sampling
+from ml_playground.checkpoint import CheckpointManager, CheckpointName, KeepPolicy, LocalStore
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -21,6 +22,7 @@ from ml_playground.errors import (
     CheckpointRotatedAwayError,
     CheckpointSchemaError,
 )
+from ml_playground.locations import LocalLocation
 from tests.conftest import assert_same_checkpoint, make_checkpoint
 
 
@@ -235,3 +237,23 @@ def test_an_unreadable_file_is_a_storage_error_naming_it(tmp_path: Path) -> None
     assert done.stdout.splitlines() == [
         f"{call} StorageError cannot read {path}: Permission denied" for call in ("load", "verify", "load_weights")
     ]
+
+
+def test_the_best_just_written_is_kept_whatever_digits_its_metric_has(tmp_path: Path) -> None:
+    # the name made for the save kept the unrounded metric, the listing the printed one: rotation did not
+    # recognise the file it had just written and deleted it
+    manager = _manager(tmp_path, last=0, best=1)
+    manager.save_best(make_checkpoint(10, best_val_loss=1.0))
+    written = manager.save_best(make_checkpoint(20, best_val_loss=2.0000001))
+    assert written is not None
+    assert written.filename in _files(tmp_path)
+    assert written == CheckpointName.parse(written.filename)
+
+
+def test_sampling_ranks_best_checkpoints_by_the_runs_mode(tmp_path: Path) -> None:
+    manager = CheckpointManager(LocalStore(tmp_path, create=True), KeepPolicy(last=0, best=2), "max")
+    manager.save_best(make_checkpoint(0, best_val_loss=0.25))
+    manager.save_best(make_checkpoint(5, best_val_loss=0.5))
+    location = LocalLocation(path=tmp_path)
+    assert sampling.load_checkpoint(location, mode="max")[1].endswith("ckpt_best_00000005_0.500000.pt")
+    assert sampling.load_checkpoint(location, mode="min")[1].endswith("ckpt_best_00000000_0.250000.pt")

@@ -46,9 +46,15 @@ class LoadedModel:
 
 
 def load_checkpoint(
-    location: Location, *, name: str | None = None, policy: Literal["latest", "best"] = "best"
+    location: Location,
+    *,
+    name: str | None = None,
+    policy: Literal["latest", "best"] = "best",
+    mode: Literal["min", "max"] = "min",
 ) -> tuple[ModelWeights, str]:
     """Read one checkpoint's weights: ``name`` in ``location``, or the one ``policy`` picks; returns them and the URL.
+
+    ``mode`` says which best checkpoint is best: the lowest metric (``"min"``) or the highest.
 
     A checkpoint is read without its optimizer state (from a remote store only the model's and EMA's
     bytes are fetched). A file with another name (a copy such as ``model.pt``) is read whole.
@@ -59,7 +65,7 @@ def load_checkpoint(
     store: CheckpointStore = open_store(location)
     if isinstance(location, RemoteLocation) and sys.stderr.isatty():
         store = DownloadProgress(store)
-    manager = CheckpointManager(store)
+    manager = CheckpointManager(store, mode=mode)
     if name is None:
         try:
             name = manager.choose(policy).filename

@@ -46,7 +46,8 @@ class CheckpointName:
     def best(cls, iter_num: int, metric: float) -> CheckpointName:
         if not math.isfinite(metric):
             raise CheckpointNameError(f"a best checkpoint needs a finite metric, got {metric!r}")
-        name = cls(CheckpointKind.BEST, _check_iter(iter_num), metric)
+        # the metric as the name prints it, so a name made here equals the same name parsed from a listing
+        name = cls(CheckpointKind.BEST, _check_iter(iter_num), float(format_metric(metric)))
         if len(name.filename.encode()) > MAX_NAME_BYTES:
             raise CheckpointNameError(
                 f"metric {metric!r} makes a file name longer than {MAX_NAME_BYTES} bytes; "
