@@ -257,3 +257,24 @@ def test_sampling_ranks_best_checkpoints_by_the_runs_mode(tmp_path: Path) -> Non
     location = LocalLocation(path=tmp_path)
     assert sampling.load_checkpoint(location, mode="max")[1].endswith("ckpt_best_00000005_0.500000.pt")
     assert sampling.load_checkpoint(location, mode="min")[1].endswith("ckpt_best_00000000_0.250000.pt")
+
+
+def test_damaged_metadata_errors_never_advise_loading_with_weights_only_false(tmp_path: Path) -> None:
+    # torch's refusal opens with "Re-running torch.load with weights_only set to False will likely succeed":
+    # advice to run the file's code, which our messages must not pass on
+    manager = _manager(tmp_path)
+    name = manager.save_last(make_checkpoint(3))
+    assert name is not None
+    path = tmp_path / name.filename
+    blob = path.read_bytes()
+    messages = []
+    for offset in range(0, 3000, 7):  # across data.pkl, where flips break the pickle
+        damaged = bytearray(blob)
+        damaged[offset] ^= 0x40
+        path.write_bytes(bytes(damaged))
+        try:
+            manager.load(name.filename)
+        except CheckpointError as exc:
+            messages.append(str(exc))
+    assert any("its metadata cannot be read" in message for message in messages)
+    assert not [message for message in messages if "weights_only" in message]

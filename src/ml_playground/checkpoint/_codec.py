@@ -378,8 +378,12 @@ def _check_magic(data: Source, source: str) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    text = str(exc)
+    # torch's weights-only refusal opens with advice to load with weights_only=False, i.e. to run the
+    # file's code: never repeat that; its reason follows this marker
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _check_header(payload: Any, source: str) -> int:
