@@ -159,6 +159,16 @@ def test_export_writes_the_ema_weights_by_default(
     assert not torch.equal(checkpoint.ema["wte.weight"], checkpoint.model["wte.weight"])
 
 
+def test_export_refuses_a_checkpoint_name_that_would_break_the_run(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it wrote safetensors bytes as ckpt_last_00000099.pt into the run, which then failed to resume
+    source = run / "ckpt_last_00000010.pt"
+    result = run_main(["ckpt", "export", str(source), str(run / "ckpt_last_00000099.pt")], tmp_path, capsys)
+    assert_clean_failure(result, 2, "cannot export to 'ckpt_last_00000099.pt'")
+    assert "ckpt_last_00000099.pt" not in ckpt_names(run)
+
+
 def test_export_without_safetensors_names_the_extra(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

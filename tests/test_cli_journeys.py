@@ -174,6 +174,16 @@ def test_sample_with_both_from_and_checkpoint_is_a_usage_error(
         (["train", "--set", "nonsense"], 2, ["KEY=VALUE"]),
         (["sample", "--from", "missing_run"], 1, ["missing_run", "does not exist"]),
         (["eval"], 1, ["out/tiny_chars"]),
+        # found by review: each of these was a traceback, or silently something else
+        (["ckpt", "show", "run/.."], 2, ["'..' is not a checkpoint file name"]),
+        (["ckpt", "show", "s3://ckpt_last_00000005.pt"], 2, ["names no file"]),
+        (["train", "--set", "train.runtime.out_dir=s3:/my-bucket/runs/a"], 2, ["s3:// URL with a '/' missing"]),
+        (["ckpt", "ls", "file://somehost/run"], 2, ["takes no host"]),
+        (["ckpt", "ls", "file:///run?x=1"], 2, ["takes no host, query or fragment"]),
+        (["train", "--set", "train.runtime.seed=18446744073709551616"], 2, ["train.runtime.seed"]),
+        (["train", "--set", "train.optim.learning_rate=inf"], 2, ["train.optim.learning_rate"]),
+        (["train", "--set", "train.runtime.max_iters=5\nfoo = 1"], 2, ["more than one value"]),
+        (["train", "--config", "."], 2, ["is a directory"]),
     ],
 )
 def test_user_errors_end_with_a_message_and_exit_code_never_a_traceback(
@@ -221,3 +231,11 @@ def test_every_command_has_help_with_examples(
     assert "usage: ml-playground" in result.stdout
     if command and command != ["ckpt"]:
         assert "examples:" in result.stdout
+
+
+def test_a_symlink_loop_as_a_location_or_config_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for args in (["ckpt", "ls", "loop"], ["train", "--config", "loop"], ["sample", "--from", "loop"]):
+        assert_clean_failure(run_main(args, tmp_path, capsys), 2, "'loop' is not a usable path")

@@ -217,3 +217,17 @@ def test_only_config_loader_reads_config_files() -> None:
         and any(token in path.read_text() for token in ("tomllib", "expanduser", ".resolve()"))
     ]
     assert offenders == []
+
+
+def test_an_inline_table_set_merges_its_keys_and_records_them_as_overrides(tmp_path: Path) -> None:
+    # it replaced the file's table wholesale (dropping its other keys) and blamed the file for its values
+    config = load_experiment("tiny_chars", overrides={"train.runtime.checkpointing": {"interval": 5}}, cwd=tmp_path)
+    bundled = load_experiment("tiny_chars", cwd=tmp_path)
+    assert config.train.runtime.checkpointing.interval == 5
+    assert config.train.runtime.checkpointing.keep == bundled.train.runtime.checkpointing.keep
+
+
+def test_a_file_url_is_a_local_path_from_the_root(tmp_path: Path) -> None:
+    location, name = parse_checkpoint_ref("file:///ckpt_last_00000005.pt", base_dir=tmp_path)
+    assert (location, name) == (LocalLocation(path=Path("/")), "ckpt_last_00000005.pt")
+    assert parse_location("file://localhost/a%20b", base_dir=tmp_path) == LocalLocation(path=Path("/a b"))

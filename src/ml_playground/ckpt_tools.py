@@ -20,7 +20,7 @@ import torch
 from ml_playground.checkpoint import Checkpoint, CheckpointInfo, CheckpointManager, CheckpointName, decode, open_store
 from ml_playground.checkpoint._naming import CHECKPOINT_PREFIX
 from ml_playground.checkpoint._store import CheckpointStore
-from ml_playground.errors import CheckpointError, CheckpointNameError, MissingExtraError
+from ml_playground.errors import CheckpointError, CheckpointNameError, ConfigError, MissingExtraError
 from ml_playground.locations import Location
 
 __all__ = [
@@ -153,6 +153,11 @@ def export_safetensors(
         raise MissingExtraError(
             "ckpt export needs the safetensors package, which is not installed; "
             "install it with: pip install 'ml_playground[export]'"
+        )
+    if out_name.startswith(CHECKPOINT_PREFIX):  # it would be listed as a checkpoint of that run, and fail to load
+        raise ConfigError(
+            f"cannot export to {out_name!r}: names starting with {CHECKPOINT_PREFIX!r} are checkpoints'; "
+            "choose another name (e.g. model.safetensors)"
         )
     from safetensors.torch import save
 

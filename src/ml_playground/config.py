@@ -26,10 +26,11 @@ __all__ = [
     "TrainRuntimeConfig",
 ]
 
-_STRICT = ConfigDict(frozen=True, extra="forbid", strict=True)
+_STRICT = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # torch's generators take a signed 64-bit seed
 ReadPolicy = Literal["latest", "best"]
 
 
@@ -97,7 +98,7 @@ class TrainRuntimeConfig(BaseModel):
     eval_interval: PositiveInt = 50
     eval_iters: PositiveInt = 10
     log_interval: PositiveInt = 10
-    seed: NonNegativeInt = 1337
+    seed: Seed = 1337
     device: Literal["cpu", "cuda", "mps"] = "cpu"
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     storage_options: StorageOptions = StorageOptions()
@@ -131,7 +132,7 @@ class SamplingConfig(BaseModel):
     temperature: Annotated[float, Field(gt=0.0)] = 0.8
     top_k: NonNegativeInt = 40  # 0 disables top-k filtering
     start: str = "\n"
-    seed: NonNegativeInt = 1337
+    seed: Seed = 1337
 
 
 class SampleConfig(BaseModel):

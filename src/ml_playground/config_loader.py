@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 
@@ -75,7 +75,9 @@ def get_cfg_path(experiment: str | None, exp_config: Path | None) -> Path:
     if experiment is not None and exp_config is not None:
         raise ConfigError("give either an experiment name or --config PATH, not both")
     if exp_config is not None:
-        path = Path(os.path.expanduser(exp_config)).resolve()
+        path = _resolve_path(str(exp_config), Path.cwd(), "--config")
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; pass the path of a TOML file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass the path of a TOML file")
         return path
@@ -128,9 +130,12 @@ def parse_override(text: str) -> tuple[str, object]:
     if not all(part.isidentifier() for part in key.split(".")):
         raise ConfigError(f"--set key {key!r} is not a dotted config key (e.g. train.runtime.max_iters)")
     try:
-        return key, tomllib.loads(f"value = {value}")["value"]
+        parsed = tomllib.loads(f"value = {value}")
     except tomllib.TOMLDecodeError:
         return key, value
+    if list(parsed) != ["value"]:  # e.g. a value with a newline and another "key = ..." after it
+        raise ConfigError(f"--set {key}: {value!r} is more than one value; give one TOML literal or plain text")
+    return key, parsed["value"]
 
 
 @dataclass
@@ -154,6 +159,14 @@ class _Merged:
             node = child
         if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
             raise ConfigError(f"--set {dotted}: {dotted} is a table; set one of its keys instead")
+        if isinstance(value, dict):  # an inline table sets its keys, as a file's table would
+            _merge_into(
+                node,
+                {parts[-1]: value},
+                ".".join(parts[:-1]) + "." if len(parts) > 1 else "",
+                lambda key: self._record(key, _OVERRIDE_SOURCE, base_dir),
+            )
+            return
         node[parts[-1]] = value
         self._record(dotted, _OVERRIDE_SOURCE, base_dir)
 
@@ -207,10 +220,20 @@ def parse_location(
     text = text.strip()
     scheme_match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
     if scheme_match is None:
-        return LocalLocation(path=_resolve_path(text, base_dir))
+        typo = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):/?(?!/)", text)
+        if typo is not None and typo.group(1).lower() in {"file", *SUPPORTED_SCHEMES}:
+            scheme = typo.group(1).lower()
+            raise ConfigError(f"{what} {text!r} looks like a {scheme}:// URL with a '/' missing; write {scheme}://...")
+        return LocalLocation(path=_resolve_path(text, base_dir, what))
     scheme = scheme_match.group(1).lower()
     if scheme == "file":
-        return LocalLocation(path=_resolve_path(urlsplit(text).path, base_dir))
+        parts = urlsplit(text)
+        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+            raise ConfigError(
+                f"{what} {text!r}: a file:// URL names a local path (file:///abs/path); "
+                "it takes no host, query or fragment"
+            )
+        return LocalLocation(path=_resolve_path(unquote(parts.path) or "/", base_dir, what))
     if scheme not in SUPPORTED_SCHEMES:
         allowed = ", ".join(["a local path", "file://", *(f"{s}://" for s in SUPPORTED_SCHEMES)])
         raise ConfigError(f"{what} {text!r}: unsupported URL scheme {scheme!r}; use {allowed}")
@@ -242,15 +265,22 @@ def parse_checkpoint_ref(
     """Split a checkpoint file's path or URL into its run location and the checkpoint's name."""
     stripped = text.strip().rstrip("/")
     parent, sep, name = stripped.rpartition("/")
-    if not sep or not name or parent.endswith(":/"):
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/]*$", stripped):
+        raise ConfigError(f"checkpoint {text!r} names no file; write SCHEME://BUCKET/PREFIX/FILE")
+    if not sep or not name:
         parent, name = ".", stripped
+    if not name or name.startswith(".") or "\0" in name:  # "..", hidden and temporary files
+        raise ConfigError(f"checkpoint {text!r}: {name!r} is not a checkpoint file name; write DIR/FILE or URL/FILE")
     location = parse_location(parent or "/", base_dir=base_dir, storage_options=storage_options, what="checkpoint")
     return location, name
 
 
-def _resolve_path(text: str, base_dir: Path) -> Path:
-    path = Path(os.path.expanduser(text))
-    return (path if path.is_absolute() else base_dir / path).resolve()
+def _resolve_path(text: str, base_dir: Path, what: str) -> Path:
+    try:
+        path = Path(os.path.expanduser(text))
+        return (path if path.is_absolute() else base_dir / path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte, ...
+        raise ConfigError(f"{what} {text!r} is not a usable path ({exc})") from None
 
 
 def _require_backend(scheme: str, url: str) -> None:
