@@ -111,7 +111,7 @@ def test_cp_copies_a_run_and_verifies_it(run: Path, tmp_path: Path, capsys: pyte
         assert (dst / name).read_bytes() == (run / name).read_bytes()
     assert "3 checkpoints copied" in result.stdout
     again = run_main(["ckpt", "cp", str(run), str(dst)], tmp_path, capsys)
-    assert_clean_failure(again, 1, "already exists")
+    assert_clean_failure(again, 1, "already holds", "nothing was copied")
 
 
 def test_cp_copies_one_checkpoint_into_a_directory_or_to_a_name(
@@ -125,6 +125,29 @@ def test_cp_copies_one_checkpoint_into_a_directory_or_to_a_name(
     assert (tmp_path / "elsewhere" / "model.pt").read_bytes() == (run / "ckpt_last_00000005.pt").read_bytes()
     # a copy under any name still verifies and samples
     assert run_main(["ckpt", "verify", "elsewhere/model.pt"], tmp_path, capsys).returncode == 0
+
+
+def test_cp_of_a_run_onto_a_clashing_name_copies_nothing(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it copied the earlier files, then failed on the clash: half a run
+    names = ckpt_names(run)
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / names[-1]).write_bytes((run / names[-1]).read_bytes())
+    result = run_main(["ckpt", "cp", str(run), "part"], tmp_path, capsys)
+    assert_clean_failure(result, 1, "already holds", names[-1], "nothing was copied")
+    assert ckpt_names(tmp_path / "part") == [names[-1]]
+
+
+def test_export_onto_an_existing_file_and_a_malformed_option_say_what_they_are(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = str(run / "ckpt_last_00000010.pt")
+    (tmp_path / "w.safetensors").write_bytes(b"mine")
+    result = run_main(["ckpt", "export", source, "w.safetensors"], tmp_path, capsys)
+    assert_clean_failure(result, 1, "w.safetensors already exists; it was not overwritten")
+    assert (tmp_path / "w.safetensors").read_bytes() == b"mine"
+    assert_clean_failure(run_main(["ckpt", "ls", str(run), "-o", "=x"], tmp_path, capsys), 2, "-o expects KEY=VALUE")
 
 
 def test_cp_of_a_corrupt_checkpoint_fails_and_leaves_no_copy(

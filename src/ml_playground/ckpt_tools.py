@@ -20,7 +20,13 @@ import torch
 from ml_playground.checkpoint import Checkpoint, CheckpointInfo, CheckpointManager, CheckpointName, decode, open_store
 from ml_playground.checkpoint._naming import CHECKPOINT_PREFIX
 from ml_playground.checkpoint._store import CheckpointStore
-from ml_playground.errors import CheckpointError, CheckpointNameError, ConfigError, MissingExtraError
+from ml_playground.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNameError,
+    ConfigError,
+    MissingExtraError,
+)
 from ml_playground.locations import Location
 
 __all__ = [
@@ -103,6 +109,12 @@ def copy_checkpoints(
         names = [name]
     target = open_store(dst, create=True)
     sizes = {obj.name: obj.size for obj in source.list()}
+    present = {obj.name for obj in target.list()}
+    clashes = [dst_name or each for each in names if (dst_name or each) in present]
+    if clashes:  # before copying anything: never half a run
+        raise CheckpointExistsError(
+            f"{target.url} already holds {', '.join(clashes)}; nothing was copied (names are never overwritten)"
+        )
     copied = []
     for each in names:
         out_name = dst_name or each
@@ -174,8 +186,13 @@ def export_safetensors(
     }
     payload = save(tensors, metadata=metadata)
     store: CheckpointStore = open_store(out, create=True)
-    with store.write(out_name) as stream:
-        shutil.copyfileobj(io.BytesIO(payload), stream, _CHUNK)
+    try:
+        with store.write(out_name) as stream:
+            shutil.copyfileobj(io.BytesIO(payload), stream, _CHUNK)
+    except CheckpointExistsError:
+        raise CheckpointExistsError(
+            f"{store.url}/{out_name} already exists; it was not overwritten: remove it or choose another name"
+        ) from None
     return f"{store.url}/{out_name}", weights
 
 

@@ -80,7 +80,7 @@ def storage_options_from(pairs: list[str]) -> StorageOptions:
     """``-o KEY=VALUE`` pairs as typed storage options (same literal rules as --set)."""
     raw: dict[str, object] = {}
     for text in pairs:
-        key, value = parse_override(text)
+        key, value = parse_override(text, "-o")
         raw[key] = value
     try:
         return StorageOptions.model_validate(raw)

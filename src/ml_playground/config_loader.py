@@ -121,20 +121,21 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    """Parse ``KEY=VALUE`` from ``--set``: a TOML literal is that literal, anything else a plain string."""
+def parse_override(text: str, flag: str = "--set") -> tuple[str, object]:
+    """Parse ``KEY=VALUE`` from ``--set`` (or ``-o``): a TOML literal is that literal, anything else a plain string."""
     key, sep, value = text.partition("=")
     key = key.strip()
+    example = "train.runtime.max_iters=50" if flag == "--set" else "endpoint_url=http://127.0.0.1:9000"
     if not sep or not key:
-        raise ConfigError(f"--set expects KEY=VALUE, got {text!r} (e.g. --set train.runtime.max_iters=50)")
+        raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r} (e.g. {flag} {example})")
     if not all(part.isidentifier() for part in key.split(".")):
-        raise ConfigError(f"--set key {key!r} is not a dotted config key (e.g. train.runtime.max_iters)")
+        raise ConfigError(f"{flag} key {key!r} is not a dotted key (e.g. {flag} {example})")
     try:
         parsed = tomllib.loads(f"value = {value}")
     except tomllib.TOMLDecodeError:
         return key, value
     if list(parsed) != ["value"]:  # e.g. a value with a newline and another "key = ..." after it
-        raise ConfigError(f"--set {key}: {value!r} is more than one value; give one TOML literal or plain text")
+        raise ConfigError(f"{flag} {key}: {value!r} is more than one value; give one TOML literal or plain text")
     return key, parsed["value"]
 
 
@@ -250,7 +251,11 @@ def parse_location(
         if not _BUCKET_RE[scheme].match(bucket):
             raise ConfigError(
                 f"{what} {text!r}: {bucket!r} is not a valid bucket name "
-                "(lowercase letters, digits, '.', '-'; 3 to 63 characters)"
+                + (
+                    "(lowercase letters, digits, '.', '-'; 3 to 63 characters)"
+                    if scheme == "s3"
+                    else "(lowercase letters, digits, '.', '-', '_'; 3 to 222 characters)"
+                )
             )
     elif not root:
         raise ConfigError(f"{what} {text!r} has no path; write {scheme}://NAME")
