@@ -231,3 +231,10 @@ def test_a_file_url_is_a_local_path_from_the_root(tmp_path: Path) -> None:
     location, name = parse_checkpoint_ref("file:///ckpt_last_00000005.pt", base_dir=tmp_path)
     assert (location, name) == (LocalLocation(path=Path("/")), "ckpt_last_00000005.pt")
     assert parse_location("file://localhost/a%20b", base_dir=tmp_path) == LocalLocation(path=Path("/a b"))
+
+
+def test_a_file_url_decodes_its_file_name_and_needs_a_path(tmp_path: Path) -> None:
+    location, name = parse_checkpoint_ref("file:///tmp/dir/model%20v1.pt", base_dir=tmp_path)
+    assert (location, name) == (LocalLocation(path=Path("/tmp/dir")), "model v1.pt")
+    with pytest.raises(ConfigError, match="'file://' has no path"):
+        parse_location("file://", base_dir=tmp_path)  # it meant the directory the config was read from

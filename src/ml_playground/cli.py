@@ -129,7 +129,7 @@ def _load_for_reading(args: argparse.Namespace) -> tuple[ExperimentConfig, sampl
             )
         else:
             location = runtime.out_dir
-        mode = config.train.runtime.checkpointing.mode  # the run's own ranking of its best checkpoints
+        mode = config.train.runtime.checkpointing.mode  # how the experiment ranks its best checkpoints
         checkpoint, source = sampling.load_checkpoint(location, policy=runtime.read_policy, mode=mode)
     use_ema = runtime.use_ema and not args.raw_weights
     loaded = sampling.load_model(checkpoint, source, use_ema=use_ema, device=runtime.device)

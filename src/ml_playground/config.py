@@ -30,7 +30,7 @@ _STRICT = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=Fal
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # torch's generators take a signed 64-bit seed
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # TOML's integers are signed 64-bit; training uses seed + 1 too
 ReadPolicy = Literal["latest", "best"]
 
 

@@ -234,7 +234,9 @@ def parse_location(
                 f"{what} {text!r}: a file:// URL names a local path (file:///abs/path); "
                 "it takes no host, query or fragment"
             )
-        return LocalLocation(path=_resolve_path(unquote(parts.path) or "/", base_dir, what))
+        if not parts.path:
+            raise ConfigError(f"{what} {text!r} has no path; write file:///abs/path")
+        return LocalLocation(path=_resolve_path(unquote(parts.path), base_dir, what))
     if scheme not in SUPPORTED_SCHEMES:
         allowed = ", ".join(["a local path", "file://", *(f"{s}://" for s in SUPPORTED_SCHEMES)])
         raise ConfigError(f"{what} {text!r}: unsupported URL scheme {scheme!r}; use {allowed}")
@@ -274,6 +276,8 @@ def parse_checkpoint_ref(
         raise ConfigError(f"checkpoint {text!r} names no file; write SCHEME://BUCKET/PREFIX/FILE")
     if not sep or not name:
         parent, name = ".", stripped
+    if parent.lower().startswith("file://"):  # percent-escapes decoded in the name too; file:///x.pt is /x.pt
+        parent, name = parent if parent.lower() != "file://" else "file:///", unquote(name)
     if not name or name.startswith(".") or "\0" in name:  # "..", hidden and temporary files
         raise ConfigError(f"checkpoint {text!r}: {name!r} is not a checkpoint file name; write DIR/FILE or URL/FILE")
     location = parse_location(parent or "/", base_dir=base_dir, storage_options=storage_options, what="checkpoint")

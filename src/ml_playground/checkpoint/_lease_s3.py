@@ -78,10 +78,11 @@ class S3WriterLease(Lease):
         self._stop.set()
         if self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=10)
-        if self._etag is not None and not self._lost:
-            with contextlib.suppress(CheckpointError, _Conflict):  # taken over meanwhile: not ours to delete
-                self._call("releasing the writer lease", "delete_object", IfMatch=self._etag)
-        self._etag = None
+        with self._renewing:  # a renewal still in flight would change the ETag under the delete
+            if self._etag is not None and not self._lost:
+                with contextlib.suppress(CheckpointError, _Conflict):  # taken over meanwhile: not ours to delete
+                    self._call("releasing the writer lease", "delete_object", IfMatch=self._etag)
+            self._etag = None
 
     # ------------------------------------------------------------ protocol
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import logging
 import secrets
@@ -201,6 +202,9 @@ class S3Upload(io.RawIOBase):
 
     def _request(self, method: str, **kwargs: Any) -> Any:
         """``fs.call_s3(method, ...)`` on this object, tracked until it returns (see the module docstring)."""
+        with contextlib.suppress(RuntimeError):  # no running loop: the usual case
+            if asyncio.get_running_loop() is self._fs.loop:  # waiting here would wedge the loop: fsspec refuses
+                return self._fs.call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
         future = asyncio.run_coroutine_threadsafe(
             self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs), self._fs.loop
         )
