@@ -229,18 +229,31 @@ def test_ctrl_c_while_a_commit_or_create_runs_leaves_nothing_once_it_lands(
     # had failed, publishing the checkpoint (PutObject) or leaving an open upload (Create...)
     import _thread
     import asyncio
+    import signal
+    import threading
 
     client = _client(store)
+    raised = threading.Event()
+
+    def ctrl_c(signum: int, frame: object) -> None:
+        raised.set()
+        raise KeyboardInterrupt
 
     async def interrupt_main_while_sending(**_: Any) -> None:
         client.meta.events.unregister(f"before-send.s3.{request_name}", interrupt_main_while_sending)
         _thread.interrupt_main()
-        await asyncio.sleep(1.5)  # the request is still on its way when the KeyboardInterrupt is raised
+        # the request is held until the main thread has raised the KeyboardInterrupt, however loaded the machine
+        await asyncio.get_running_loop().run_in_executor(None, raised.wait, 20)
 
     client.meta.events.register(f"before-send.s3.{request_name}", interrupt_main_while_sending)
-    with pytest.raises(KeyboardInterrupt):
-        _write(store, NEW, data)
-    time.sleep(2)  # long after the request landed
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _write(store, NEW, data)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert raised.is_set()
+    time.sleep(1)  # after the request landed
     check_clean(store)
 
 

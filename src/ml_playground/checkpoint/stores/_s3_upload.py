@@ -205,10 +205,20 @@ class S3Upload(io.RawIOBase):
         with contextlib.suppress(RuntimeError):  # no running loop: the usual case
             if asyncio.get_running_loop() is self._fs.loop:  # waiting here would wedge the loop: fsspec refuses
                 return self._fs.call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
-        future = asyncio.run_coroutine_threadsafe(
-            self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs), self._fs.loop
-        )
+        # Tracked before it is sent: a Ctrl-C can strike between any two lines, and a request sent but not
+        # yet tracked would land unseen. One abandoned before it started is cancelled and never sent.
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._requests[future] = method
+
+        async def send() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(await self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs))
+            except BaseException as exc:  # the caller's to handle, through the future
+                future.set_exception(exc)
+
+        asyncio.run_coroutine_threadsafe(send(), self._fs.loop)
         try:
             while not future.done():  # in slices, so that a Ctrl-C is noticed while the request runs
                 concurrent.futures.wait([future], timeout=1)
@@ -224,6 +234,8 @@ class S3Upload(io.RawIOBase):
         """Wait for requests a Ctrl-C left running; learn the id of an upload created meanwhile."""
         if not self._requests:
             return
+        for future in self._requests:
+            future.cancel()  # succeeds only for one not sent yet
         done, running = concurrent.futures.wait(self._requests, timeout=_SETTLE_TIMEOUT)
         for future in done:
             if future.cancelled() or future.exception() is not None:
