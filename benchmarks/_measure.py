@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import re
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -106,3 +108,12 @@ def print_rounds(times: dict[str, list[float]]) -> None:
             f"{mode:{width}s} median {statistics.median(seconds):.3f} s, min {min(seconds):.3f} s;  "
             + " ".join(f"{s:.2f}" for s in seconds)
         )
+
+
+def ab_arguments(doc: str | None) -> argparse.Namespace:
+    """The in-process A/B scripts' shared flags: ``--size-mb``, ``--reps``, ``--dir``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=512, help="MiB of fp32 params; the checkpoint is ~3x")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/ml_playground_ab"))
+    return parser.parse_args()

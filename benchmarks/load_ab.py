@@ -14,7 +14,6 @@ needs root, else the loads are warm and the script says so). Modes:
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import os
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _measure import print_rounds
+from _measure import ab_arguments, print_rounds
 from _state import build_checkpoint
 
 from ml_playground.checkpoint import decode, encode
@@ -48,11 +47,7 @@ def drop_caches() -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=int, default=512, help="MiB of fp32 params; the checkpoint is ~3x")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/ml_playground_ab"))
-    args = parser.parse_args()
+    args = ab_arguments(__doc__)
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     path = args.dir / "ckpt.pt"

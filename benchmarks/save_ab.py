@@ -20,7 +20,6 @@ minimums (the undisturbed save) are printed with the ratios the targets name.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _measure import print_rounds
+from _measure import ab_arguments, print_rounds
 from _scenarios import _fsync_path
 from _state import as_plain_dict, build_checkpoint, tensor_bytes
 
@@ -45,11 +44,7 @@ MODES = ("raw write", "torch.save", "ours", "ours, no hashing", "ours, hashed fi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=int, default=512, help="MiB of fp32 params; the checkpoint is ~3x")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/ml_playground_ab"))
-    args = parser.parse_args()
+    args = ab_arguments(__doc__)
     checkpoint = build_checkpoint(args.size_mb)
     plain = as_plain_dict(checkpoint)
     raw = np.full(tensor_bytes(plain), 7, dtype=np.uint8)

@@ -5,6 +5,7 @@ The S3 side (bytes fetched, If-Match) is in ``test_s3_weights.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import subprocess
@@ -53,17 +54,7 @@ def _tied(checkpoint: Checkpoint) -> Checkpoint:
     model = dict(checkpoint.model)
     model["tied.weight"] = model["0.weight"]
     model["empty"] = torch.empty(0, 3)
-    return Checkpoint(
-        model=model,
-        optimizer=checkpoint.optimizer,
-        model_args=checkpoint.model_args,
-        iter_num=checkpoint.iter_num,
-        best_val_loss=checkpoint.best_val_loss,
-        config=checkpoint.config,
-        ema=checkpoint.ema,
-        rng_state=checkpoint.rng_state,
-        data_state=checkpoint.data_state,
-    )
+    return dataclasses.replace(checkpoint, model=model)
 
 
 @pytest.mark.parametrize("make", [_local, _memory, _protocol_only], ids=["local", "memory", "protocol-only"])
