@@ -20,8 +20,9 @@ import torch
 from _measure import Phase
 from _state import as_plain_dict, build_checkpoint, tensor_bytes, touch
 
-from ml_playground.checkpoint import AsyncCheckpointSaver, CheckpointManager, KeepPolicy, LocalStore, _codec, _digests
+from ml_playground.checkpoint import AsyncCheckpointSaver, CheckpointManager, KeepPolicy, LocalStore
 from ml_playground.checkpoint._async import snapshot
+from ml_playground.checkpoint.format import _decode, _digests, _encode
 
 BUCKET = "bench"
 OURS_NAME = "ckpt_last_00012345.pt"
@@ -63,7 +64,7 @@ def _unlink(*paths: Path) -> Callable[[], None]:
 
 def _raw_write(ctx: Context, writeback: bool) -> tuple[Body, Callable[[], None]]:
     """The limit: the same number of bytes from prefaulted memory, write + fsync + rename + dir fsync."""
-    from ml_playground.checkpoint.stores._local import FileOps
+    from ml_playground.checkpoint import FileOps
 
     buf = np.empty(ctx.payload_bytes, dtype=np.uint8)
     buf[:] = 7
@@ -118,7 +119,7 @@ def setup_ours_save(ctx: Context) -> tuple[Body, Callable[[], None]]:
     """Our save; ``checksum_work_s`` is the hashing the digest thread did (overlapped with the write),
     ``checksum_wait_s`` the time the write waited for it (what the checksums add to the save)."""
     work_s, wait_s = [0.0], [0.0]
-    digest, result = _digests.tensor_digest, _codec._DigestThread.result
+    digest, result = _digests.tensor_digest, _encode._DigestThread.result
 
     def timed_digest(tensor: Any) -> bytes:
         start = time.perf_counter()
@@ -135,7 +136,7 @@ def setup_ours_save(ctx: Context) -> tuple[Body, Callable[[], None]]:
             wait_s[0] += time.perf_counter() - start
 
     _digests.tensor_digest = timed_digest  # type: ignore[assignment]
-    _codec._DigestThread.result = timed_result  # type: ignore[method-assign]
+    _encode._DigestThread.result = timed_result  # type: ignore[method-assign]
     body, cleanup = _ours_save(ctx)
 
     def with_checksum_times(phase: Phase) -> dict[str, Any]:
@@ -237,7 +238,7 @@ def _ours(ctx: Context) -> CheckpointManager:
 def setup_ours_load(ctx: Context) -> tuple[Body, Callable[[], None]]:
     manager = _ours(ctx)
     verify_s = [0.0]
-    original = _codec.verify_sections
+    original = _decode.verify_sections
 
     def timed_verify(*args: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
@@ -246,7 +247,7 @@ def setup_ours_load(ctx: Context) -> tuple[Body, Callable[[], None]]:
         finally:
             verify_s[0] += time.perf_counter() - start
 
-    _codec.verify_sections = timed_verify  # type: ignore[assignment]
+    _decode.verify_sections = timed_verify  # type: ignore[assignment]
     body, cleanup = _load(ctx, lambda: (verify_s.__setitem__(0, 0.0), manager.load(OURS_NAME))[1])
 
     def with_verify_time(phase: Phase) -> dict[str, Any]:

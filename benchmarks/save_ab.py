@@ -37,8 +37,8 @@ from _measure import ab_arguments, print_rounds
 from _scenarios import _fsync_path
 from _state import as_plain_dict, build_checkpoint, tensor_bytes
 
-from ml_playground.checkpoint import CheckpointManager, KeepPolicy, LocalStore, _digests
-from ml_playground.checkpoint.stores._local import FileOps
+from ml_playground.checkpoint import CheckpointManager, FileOps, KeepPolicy, LocalStore
+from ml_playground.checkpoint.format import _digests
 
 MODES = ("raw write", "torch.save", "ours", "ours, no hashing", "ours, hashed first")
 

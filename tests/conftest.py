@@ -11,7 +11,7 @@ from typing import IO
 import pytest
 import torch
 
-from ml_playground.checkpoint import Checkpoint, CheckpointStore, StoredObject
+from ml_playground.checkpoint import Capabilities, Checkpoint, CheckpointStore, StoredObject
 
 pytest_plugins = ["tests.servers"]
 
@@ -120,7 +120,7 @@ def with_default_sigint() -> None:
 
 class ProtocolOnlyStore:
     """A store with only the protocol's four verbs (like a remote one without local files or partial
-    reads), over another store."""
+    reads), over another store: it declares no capabilities."""
 
     def __init__(self, store: CheckpointStore) -> None:
         self._store = store
@@ -128,6 +128,10 @@ class ProtocolOnlyStore:
     @property
     def url(self) -> str:
         return self._store.url
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
 
     def write(self, name: str) -> AbstractContextManager[IO[bytes]]:
         return self._store.write(name)

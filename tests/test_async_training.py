@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ml_playground.checkpoint import CheckpointManager, LocalStore
-from ml_playground.training import train
+from ml_playground.flows.training import train
 from tests.cli_support import assert_same_state, ckpt_names
 from tests.test_training import config, run_dir
 

@@ -11,7 +11,7 @@ import torch
 
 from ml_playground.checkpoint import CheckpointManager, LocalStore
 from ml_playground.config_loader import load_experiment, parse_override
-from ml_playground.training import train
+from ml_playground.flows.training import train
 from tests.cli_support import TINY, assert_clean_failure, ckpt_names, flip_tensor_byte, run_cli, run_main, sets
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from ml_playground.cli_common import load_config
-from ml_playground.data import BatchSampler, CharTokenizer, generate_corpus, load_splits
+from ml_playground.cli.common import load_config
 from ml_playground.errors import CheckpointSchemaError, ConfigError
 from ml_playground.locations import LocalLocation
-from ml_playground.model import GPT, GPTArgs
+from ml_playground.workload.data import BatchSampler, CharTokenizer, generate_corpus, load_splits
+from ml_playground.workload.model import GPT, GPTArgs
 
 
 def loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *sets: str, experiment: str | None = None) -> object:
@@ -123,83 +122,65 @@ def test_model_args_round_trip_as_plain_data() -> None:
         GPTArgs.from_plain({**args.to_plain(), "n_layer": "1"}, source="x")
 
 
-def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(capsys: pytest.CaptureFixture[str]) -> None:
-    from ml_playground.progress import Progress
+def test_the_renderer_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(capsys: pytest.CaptureFixture[str]) -> None:
+    from ml_playground.cli.render import Renderer
+    from ml_playground.flows.events import Note, Started, Stepped
 
-    plain = Progress(10, 0, bar=False)
-    plain.step(1.0)
-    plain.line("iter 1/10")
-    plain.close()
+    with Renderer(bar=False) as plain:
+        plain(Started(10, 0))
+        plain(Stepped(1, 1.0))
+        plain(Note("iter 1/10"))
     out, err = capsys.readouterr()
     assert out == "iter 1/10\n"
     assert err == ""
-    bar = Progress(10, 4, bar=True)
-    bar.step(0.5)
-    bar.line("eval at iter 5")
-    bar.close()
+    with Renderer(bar=True) as bar:
+        bar(Started(10, 4))
+        bar(Stepped(5, 0.5))
+        bar(Note("eval at iter 5"))
     out, err = capsys.readouterr()
     assert "eval at iter 5" in out
     assert "5/10" in err
 
 
-def test_remote_reads_draw_a_byte_bar_and_load_unchanged() -> None:
-    import io as _io
+def test_the_renderer_announces_large_remote_reads_and_draws_a_byte_bar_for_large_copies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ml_playground.cli.render import Renderer
+    from ml_playground.flows.events import Fetching, Transferred
 
-    from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
+    with Renderer(bar=True) as render:
+        render(Fetching("s3://b/run/ckpt_last_00000001.pt", 64 << 20))
+        render(Fetching("s3://b/run/small.pt", 1024))
+        for done in (8 << 20, 16 << 20):
+            render(Transferred("ckpt_last_00000001.pt -> s3://b/copy", done, 16 << 20))
+    _, err = capsys.readouterr()
+    assert "fetching s3://b/run/ckpt_last_00000001.pt (64.0 MiB) ..." in err
+    assert "small.pt" not in err
+    assert "B/s" in err  # a byte bar, sized to the copy
+    with Renderer(bar=False) as quiet:
+        quiet(Fetching("s3://b/run/ckpt_last_00000001.pt", 64 << 20))
+    assert capsys.readouterr() == ("", "")
+
+
+def test_sampling_reports_a_remote_read_and_loads_unchanged(tmp_path: Path) -> None:
+    from ml_playground.checkpoint import CheckpointManager, KeepPolicy, LocalStore, open_store
     from ml_playground.config_loader import parse_location
-    from ml_playground.progress import DownloadProgress
-    from tests.conftest import assert_same_checkpoint, make_checkpoint
+    from ml_playground.flows import sampling
+    from ml_playground.flows.events import Event, Fetching
+    from ml_playground.locations import LocalLocation
+    from tests.conftest import make_checkpoint
 
-    location = parse_location("memory://download-progress/run", base_dir=Path.cwd())
+    location = parse_location("memory://download-events/run", base_dir=Path.cwd())
     writer = CheckpointManager(open_store(location, create=True), KeepPolicy(last=1, best=0))
     original = make_checkpoint(iter_num=4, width=64)
     writer.save_last(original)
-    bar = _io.StringIO()
-    reader = CheckpointManager(DownloadProgress(open_store(location), min_bytes=1, file=bar))
-    assert_same_checkpoint(reader.load("ckpt_last_00000004.pt"), original)
-    assert "reading ckpt_last_00000004.pt" in bar.getvalue()
-    assert "B/s" in bar.getvalue()  # a byte bar, sized to the object
-    with pytest.raises(TypeError, match="read-only"):
-        reader.save_last(make_checkpoint(iter_num=5))
-
-
-@pytest.mark.s3
-def test_the_download_view_keeps_the_fast_s3_copy_and_announces_it(s3_location: Any) -> None:
-    import io as _io
-
-    from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
-    from ml_playground.progress import DownloadProgress
-    from tests.conftest import assert_same_checkpoint, make_checkpoint
-
-    location = s3_location()
-    original = make_checkpoint(iter_num=6, width=64)
-    CheckpointManager(open_store(location, create=True), KeepPolicy(last=1, best=0)).save_last(original)
-    out = _io.StringIO()
-    view = DownloadProgress(open_store(location), min_bytes=1, file=out)
-    with view.local_copy("ckpt_last_00000006.pt") as path:
-        assert path is not None  # the concurrent ranged-GET copy, not the slow stream
-        assert path.is_file()
-    assert_same_checkpoint(CheckpointManager(view).load("ckpt_last_00000006.pt"), original)
-    assert f"fetching {location.url}/ckpt_last_00000006.pt" in out.getvalue()
-
-
-@pytest.mark.s3
-def test_the_download_view_keeps_the_weights_only_load_and_announces_it(s3_location: Any) -> None:
-    import io as _io
-
-    import torch
-
-    from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
-    from ml_playground.progress import DownloadProgress
-    from tests.conftest import make_checkpoint
-
-    location = s3_location()
-    original = make_checkpoint(iter_num=6, width=64)
-    CheckpointManager(open_store(location, create=True), KeepPolicy(last=1, best=0)).save_last(original)
-    out = _io.StringIO()
-    view = DownloadProgress(open_store(location), min_bytes=1, file=out)
-    with view.partial_copy("ckpt_last_00000006.pt") as copy:
-        assert copy is not None  # the sparse copy of the weights-only load, not a whole-file fallback
-    weights = CheckpointManager(view).load_weights("ckpt_last_00000006.pt")
+    events: list[Event] = []
+    weights, source = sampling.load_checkpoint(location, name="ckpt_last_00000004.pt", on_event=events.append)
+    size = {obj.name: obj.size for obj in writer.store.list()}["ckpt_last_00000004.pt"]
+    assert events == [Fetching(source, size)]
     assert torch.equal(weights.model["0.weight"], original.model["0.weight"])
-    assert f"fetching the weights of {location.url}/ckpt_last_00000006.pt" in out.getvalue()
+    local = tmp_path / "run"
+    CheckpointManager(LocalStore(local, create=True), KeepPolicy(last=1, best=0)).save_last(original)
+    events.clear()
+    sampling.load_checkpoint(LocalLocation(path=local), name="ckpt_last_00000004.pt", on_event=events.append)
+    assert events == []  # a local file is not fetched

@@ -13,8 +13,8 @@ import pytest
 import torch
 import xxhash
 
-from ml_playground.checkpoint import FORMAT_VERSION, Checkpoint, _digests, decode, encode
-from ml_playground.checkpoint._codec import FORMAT_MAGIC, MIGRATIONS, verify_sections
+from ml_playground.checkpoint import FORMAT_VERSION, Checkpoint, decode, encode
+from ml_playground.checkpoint.format import FORMAT_MAGIC, MIGRATIONS, _digests, verify_sections
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointError,

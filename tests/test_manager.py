@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ml_playground import sampling
 from ml_playground.checkpoint import CheckpointManager, CheckpointName, KeepPolicy, LocalStore
 from ml_playground.errors import (
     CheckpointCorruptError,
@@ -22,6 +21,7 @@ from ml_playground.errors import (
     CheckpointRotatedAwayError,
     CheckpointSchemaError,
 )
+from ml_playground.flows import sampling
 from ml_playground.locations import LocalLocation
 from tests.conftest import assert_same_checkpoint, make_checkpoint
 

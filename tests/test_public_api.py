@@ -10,6 +10,8 @@ import ml_playground.errors
 def test_checkpoint_exports() -> None:
     assert sorted(ml_playground.checkpoint.__all__) == [
         "AsyncCheckpointSaver",
+        "CHECKPOINT_PREFIX",
+        "Capabilities",
         "Checkpoint",
         "CheckpointInfo",
         "CheckpointKind",
@@ -20,6 +22,7 @@ def test_checkpoint_exports() -> None:
         "FORMAT_VERSION",
         "FileOps",
         "KeepPolicy",
+        "Lease",
         "LocalStore",
         "MetricMode",
         "ModelWeights",

@@ -69,3 +69,25 @@ def test_to_delete(
 def test_keep_policy_rejects_non_natural_numbers(bad: object) -> None:
     with pytest.raises(ValueError, match="keep.last"):
         KeepPolicy(last=bad)  # type: ignore[arg-type]
+
+
+_UNSORTED_BESTS = [B(10, 3.0), B(20, 1.0), B(30, 2.0), B(40, 0.5), B(50, 1.5)]
+"""Metrics that do not improve monotonically: the newest bests are not the best ones."""
+
+
+@pytest.mark.parametrize(
+    ("mode", "protect", "kept"),
+    [
+        pytest.param("min", None, [B(40, 0.5), B(20, 1.0)], id="min-lowest-two"),
+        pytest.param("min", B(50, 1.5), [B(50, 1.5), B(40, 0.5)], id="min-just-written-and-the-lowest"),
+        pytest.param("max", None, [B(10, 3.0), B(30, 2.0)], id="max-highest-two"),
+        pytest.param("max", B(40, 0.5), [B(40, 0.5), B(10, 3.0)], id="max-just-written-and-the-highest"),
+    ],
+)
+def test_best_rotation_keeps_the_best_metrics_not_the_newest(
+    mode: str, protect: CheckpointName | None, kept: list[CheckpointName]
+) -> None:
+    doomed = to_delete(_UNSORTED_BESTS, KeepPolicy(last=1, best=2), mode, protect)  # type: ignore[arg-type]
+    assert sorted(set(_UNSORTED_BESTS) - set(doomed), key=lambda n: n.iter_num) == sorted(
+        kept, key=lambda n: n.iter_num
+    )

@@ -16,6 +16,7 @@ import pytest
 from ml_playground.checkpoint import open_store
 from ml_playground.checkpoint.stores import FsspecStore
 from ml_playground.checkpoint.stores._translate import translate
+from ml_playground.checkpoint.stores.s3 import S3Store
 from ml_playground.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -161,8 +162,8 @@ def test_no_backend_exception_escapes_any_verb(
 ) -> None:
     location = scenario(s3_location, moto_server, monkeypatch)
     with pytest.raises(StorageUnavailableError, match=location.url):
-        FsspecStore.from_location(location, create=True)
-    store = FsspecStore.from_location(location, create=False)
+        S3Store.from_location(location, create=True)
+    store = S3Store.from_location(location, create=False)
     for verb, call in _verbs(store).items():
         with pytest.raises(CheckpointError) as caught:
             call()

@@ -50,10 +50,12 @@ def test_too_little_temporary_space_streams_instead(
 ) -> None:
     manager, filename, checkpoint = _saved(s3_location)
     monkeypatch.setattr(
-        "ml_playground.checkpoint.stores._s3_download.shutil.disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0)
+        "ml_playground.checkpoint.stores.s3._download.shutil.disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0)
     )
     assert isinstance(manager.store, FsspecStore)
-    with manager.store.local_copy(filename) as copy:
+    local_copy = manager.store.capabilities.local_copy
+    assert local_copy is not None
+    with local_copy(filename) as copy:
         assert copy is None
     assert_same_checkpoint(manager.load(filename), checkpoint)
 

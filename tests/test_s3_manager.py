@@ -15,6 +15,7 @@ import torch
 
 from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
 from ml_playground.checkpoint.stores import FsspecStore
+from ml_playground.checkpoint.stores.s3 import S3Store
 from ml_playground.config_loader import load, parse_checkpoint_ref
 from ml_playground.errors import CheckpointRotatedAwayError, StorageError
 from ml_playground.locations import RemoteLocation
@@ -190,11 +191,14 @@ def test_a_checkpoint_rotated_away_during_torch_load_is_reported_as_such(
     location = s3_location()
     writer = _manager(location, last=1, best=0)
     writer.save_last(make_checkpoint(1, width=1100))  # ~19 MiB: four ranged GETs of 5 MiB, one at a time
-    store = FsspecStore(
-        FsspecStore.from_location(location, create=False).filesystem,
-        location.url,
-        part_size_mib=5,
-        max_concurrency=1,
+    store = S3Store(
+        location.model_copy(
+            update={
+                "storage_options": location.storage_options.model_copy(
+                    update={"part_size_mib": 5, "max_concurrency": 1}
+                )
+            }
+        ),
         read_block_size=2**20,
     )
     reader = CheckpointManager(store, KeepPolicy(last=1, best=0))

@@ -11,7 +11,8 @@ import pytest
 
 from ml_playground.checkpoint import CheckpointStore, open_store
 from ml_playground.checkpoint.stores import FsspecStore
-from ml_playground.checkpoint.stores._s3_upload import WRITE_ID_KEY
+from ml_playground.checkpoint.stores.s3 import S3Store
+from ml_playground.checkpoint.stores.s3._upload import WRITE_ID_KEY
 from ml_playground.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, StorageError
 from ml_playground.locations import RemoteLocation
 from tests.servers import S3LocationFactory
@@ -95,9 +96,9 @@ def test_reading_an_object_deleted_meanwhile_is_not_found(
     s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
 ) -> None:
     location = s3_location()
-    store = FsspecStore.from_location(location, create=True)
+    store = S3Store.from_location(location, create=True)
     _write(store, "ckpt_last_00000001.pt", DATA)
-    store_small_blocks = FsspecStore(store.filesystem, location.url, read_block_size=MIB)
+    store_small_blocks = S3Store(location, filesystem=store.filesystem, read_block_size=MIB)
     with store_small_blocks.open("ckpt_last_00000001.pt") as stream:
         head = stream.read(1000)
         s3_admin.delete_object(Bucket=s3_bucket, Key="run/ckpt_last_00000001.pt")
@@ -153,7 +154,7 @@ def test_kms_key_is_used_and_never_logged(
 
 
 def test_requester_pays_is_sent_on_every_request(s3_location: S3LocationFactory) -> None:
-    store = FsspecStore.from_location(s3_location(requester_pays=True), create=False)
+    store = S3Store.from_location(s3_location(requester_pays=True), create=False)
     calls: list[dict[str, Any]] = []
     store.filesystem.connect().meta.events.register("before-call.s3", lambda params, **_: calls.append(params))
     _write(store, "a.pt", b"a")
@@ -222,9 +223,9 @@ def test_reading_an_object_replaced_meanwhile_fails_instead_of_mixing_bytes(
     s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
 ) -> None:
     location = s3_location()
-    store = FsspecStore.from_location(location, create=True)
+    store = S3Store.from_location(location, create=True)
     _write(store, "a.pt", DATA)
-    reader = FsspecStore(store.filesystem, location.url, read_block_size=MIB)
+    reader = S3Store(location, filesystem=store.filesystem, read_block_size=MIB)
     with reader.open("a.pt") as stream:
         head = stream.read(1000)
         s3_admin.put_object(Bucket=s3_bucket, Key="run/a.pt", Body=bytes(len(DATA)))

@@ -39,13 +39,13 @@ def test_a_name_committed_by_another_writer_during_the_save_is_never_replaced(
 ) -> None:
     # the check and the rename were two steps: the other writer's file was silently replaced
     if not renameat2:  # as on macOS, or a libc without renameat2
-        monkeypatch.setattr("ml_playground.checkpoint.stores._local._RENAMEAT2", None)
+        monkeypatch.setattr("ml_playground.checkpoint.stores.local._fileops._RENAMEAT2", None)
     elif sys.platform != "linux":
         pytest.skip("renameat2 is Linux's")
     else:
-        from ml_playground.checkpoint.stores import _local
+        from ml_playground.checkpoint.stores.local import _fileops
 
-        assert _local._RENAMEAT2 is not None  # the path under test is the one taken
+        assert _fileops._RENAMEAT2 is not None  # the path under test is the one taken
     store = LocalStore(tmp_path / "run", create=True, file_ops=OtherWriterCommitsFirst())
     expected = pytest.raises(CheckpointExistsError, match=r"ckpt_last_00000001\.pt was written by another writer")
     with expected, store.write("ckpt_last_00000001.pt") as stream:
@@ -57,7 +57,7 @@ def test_a_name_committed_by_another_writer_during_the_save_is_never_replaced(
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "hard-link"])
 def test_a_commit_leaves_only_the_final_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool) -> None:
     if not renameat2:
-        monkeypatch.setattr("ml_playground.checkpoint.stores._local._RENAMEAT2", None)
+        monkeypatch.setattr("ml_playground.checkpoint.stores.local._fileops._RENAMEAT2", None)
     store = LocalStore(tmp_path / "run", create=True)
     with store.write("ckpt_last_00000001.pt") as stream:
         stream.write(b"ours")
@@ -79,7 +79,7 @@ def test_a_linked_commit_whose_temporary_cannot_be_removed_is_still_committed(
     # where renameat2 is missing the commit is link + unlink: once linked, the checkpoint is there, and a
     # failed unlink of the temporary must not report the save as failed (nor delete the committed file)
     store = LocalStore(tmp_path / "run", create=True)
-    monkeypatch.setattr("ml_playground.checkpoint.stores._local._RENAMEAT2", None)
+    monkeypatch.setattr("ml_playground.checkpoint.stores.local._fileops._RENAMEAT2", None)
     real_unlink = os.unlink
 
     def failing_unlink(path: object, *args: object, **kwargs: object) -> None:
@@ -87,7 +87,7 @@ def test_a_linked_commit_whose_temporary_cannot_be_removed_is_still_committed(
             raise OSError(errno.EIO, "injected I/O error", str(path))
         real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("ml_playground.checkpoint.stores._local.os.unlink", failing_unlink)
+    monkeypatch.setattr("ml_playground.checkpoint.stores.local._fileops.os.unlink", failing_unlink)
     with store.write("ckpt_last_00000001.pt") as stream:
         stream.write(b"ours")
     assert (tmp_path / "run" / "ckpt_last_00000001.pt").read_bytes() == b"ours"

@@ -11,7 +11,8 @@
         ├── CheckpointSchemaError        readable, but a field is missing, of a wrong type, or disagrees
         ├── CheckpointVersionError       written by a newer format version than this package reads
         ├── UnsafeCheckpointError        the file holds something other than tensors and plain data
-        ├── CheckpointNameError          a ``ckpt_`` name that does not parse, or a name that cannot be made
+        ├── CheckpointNameError          (also ValueError) a ``ckpt_`` name that does not parse, a name that
+        │                                cannot be made, an invalid object name
         ├── StorageError                 the store failed (I/O error, network fault, denied access)
         │   └── StorageUnavailableError  the location cannot be used at all (missing bucket, no credentials)
         └── LocationLockedError          another live writer holds the run location
@@ -85,8 +86,9 @@ class UnsafeCheckpointError(CheckpointError):
     """The file holds objects other than tensors and plain data; it is refused, never unpickled."""
 
 
-class CheckpointNameError(CheckpointError):
-    """A file name looks like a checkpoint but does not parse, or a valid name cannot be formed."""
+class CheckpointNameError(CheckpointError, ValueError):
+    """A file name looks like a checkpoint but does not parse, a valid name cannot be formed, or an
+    object name is not one a store can hold."""
 
 
 class StorageError(CheckpointError):

@@ -1,7 +1,8 @@
-"""Validated storage locations: where a run's checkpoints live.
+"""Validated storage locations (where a run's checkpoints live) and the typed storage options of each scheme.
 
-Only :mod:`ml_playground.config_loader` builds these from user text (it resolves relative paths and
-parses URLs); everything else receives them already validated. They are plain immutable values.
+Only :mod:`ml_playground.config_loader` builds locations from user text (it resolves relative paths,
+parses URLs and checks the options against :mod:`ml_playground.schemes`); everything else receives
+them validated. They are plain immutable values.
 """
 
 from __future__ import annotations
@@ -9,33 +10,65 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-__all__ = ["LocalLocation", "Location", "RemoteLocation", "StorageOptions"]
+__all__ = [
+    "GcsOptions",
+    "LocalLocation",
+    "Location",
+    "NoStorageOptions",
+    "RemoteLocation",
+    "S3Options",
+    "StorageOptions",
+]
 
 _STRICT = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class StorageOptions(BaseModel):
-    """Typed options for an object store; credentials come from the standard chain, never from here.
+class NoStorageOptions(BaseModel):
+    """The options of a scheme that takes none (local paths, ``memory://``)."""
 
-    ``None`` means "the backend's own default" (environment, profile, instance role).
-    """
+    model_config = _STRICT
+
+
+class GcsOptions(BaseModel):
+    """What ``gs://`` takes. ``None`` means the backend's own default; credentials never come from here."""
 
     model_config = _STRICT
 
     endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
     anon: bool = False
     requester_pays: bool = False
-    server_side_encryption: Literal["AES256", "aws:kms"] | None = None
-    sse_kms_key_id: SecretStr | None = None
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
     read_timeout: Annotated[float, Field(gt=0)] = 60.0
-    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
     part_size_mib: Annotated[int, Field(ge=5, le=5120)] = 50
+
+
+class _S3Fields(GcsOptions):
+    region: str | None = None
+    profile: str | None = None
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = None
+    sse_kms_key_id: SecretStr | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
     max_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+
+
+class S3Options(_S3Fields):
+    """What ``s3://`` takes: GCS's options, plus region, profile, encryption, retries and concurrency."""
+
+    @model_validator(mode="after")
+    def _kms_key_needs_kms(self) -> S3Options:
+        if self.sse_kms_key_id is not None and self.server_side_encryption != "aws:kms":
+            raise ValueError("sse_kms_key_id needs server_side_encryption = 'aws:kms'")
+        return self
+
+
+class StorageOptions(_S3Fields):
+    """Every option any scheme takes: the type of a config's ``storage_options`` table.
+
+    Which of them a location may set depends on its scheme (:data:`ml_playground.schemes.SCHEMES`);
+    the configuration loader refuses the others, so an option is never silently ignored.
+    """
 
     def redacted(self) -> dict[str, object]:
         """The options as plain data with secrets masked: safe for logs and checkpoint configs."""
@@ -53,15 +86,24 @@ class LocalLocation(BaseModel):
     kind: Literal["local"] = "local"
     path: Path
 
+    @property
+    def scheme(self) -> str:
+        return "file"
+
+    @property
+    def url(self) -> str:
+        return str(self.path)
+
     def __str__(self) -> str:
         return str(self.path)
 
-    def child(self, name: str) -> str:
-        return str(self.path / name)
-
 
 class RemoteLocation(BaseModel):
-    """A prefix in an fsspec-backed store, e.g. ``s3://bucket/runs/a``; ``root`` has no scheme."""
+    """A prefix in an object store, e.g. ``s3://bucket/runs/a``: ``root`` is ``bucket/runs/a`` (no scheme).
+
+    ``bucket`` is the root's first segment and ``prefix`` the rest; an object ``name`` of the location
+    has the key ``key(name)`` in that bucket.
+    """
 
     model_config = _STRICT
 
@@ -78,11 +120,20 @@ class RemoteLocation(BaseModel):
     def bucket(self) -> str:
         return self.root.split("/", 1)[0]
 
-    def __str__(self) -> str:
-        return self.url
+    @property
+    def prefix(self) -> str:
+        return self.root.partition("/")[2]
+
+    def key(self, name: str) -> str:
+        """The key of object ``name`` of this location in its bucket."""
+        return f"{self.prefix}/{name}" if self.prefix else name
 
     def child(self, name: str) -> str:
+        """The URL of object ``name`` of this location."""
         return f"{self.url}/{name}"
+
+    def __str__(self) -> str:
+        return self.url
 
 
 Location = Annotated[LocalLocation | RemoteLocation, Field(discriminator="kind")]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ml_playground.checkpoint import Checkpoint, CheckpointManager, CheckpointName, KeepPolicy, LocalStore
+from ml_playground.checkpoint._lease import LEASE_NAME
 from ml_playground.checkpoint._store import TEMP_PREFIX
 from ml_playground.errors import CheckpointError
 
@@ -78,7 +79,8 @@ def audit_all_load(run: Path) -> tuple[list[CheckpointName], list[str]]:
             problem = f"does not load: {exc}"
         if problem is not None:
             problems.append(f"{info.filename}: {problem}")
-    stray = set(os.listdir(run)) - {i.filename for i in infos} - set(temporaries(run))
+    lease_files = {name for name in os.listdir(run) if name.startswith(LEASE_NAME)}  # a writer's, not checkpoints
+    stray = set(os.listdir(run)) - {i.filename for i in infos} - set(temporaries(run)) - lease_files
     problems += [f"unexpected file {name}" for name in sorted(stray)]
     return [info.name for info in infos], problems
 

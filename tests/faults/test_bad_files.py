@@ -22,7 +22,7 @@ from ml_playground.checkpoint import (
     decode,
     encode,
 )
-from ml_playground.checkpoint._codec import FORMAT_MAGIC, _integrity
+from ml_playground.checkpoint.format import FORMAT_MAGIC, integrity_record
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -218,7 +218,7 @@ def test_a_newer_format_version_is_a_version_error(run_dir: Path) -> None:
         "ema": None,
         "rng_state": {},
     }
-    body["integrity"] = _integrity(body)
+    body["integrity"] = integrity_record(body)
     with (run_dir / "ckpt_last_00000001.pt").open("wb") as handle:
         torch.save(body, handle)
     with pytest.raises(

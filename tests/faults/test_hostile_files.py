@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ml_playground.checkpoint import FORMAT_VERSION, CheckpointManager, LocalStore, decode
-from ml_playground.checkpoint._codec import FORMAT_MAGIC, _integrity
+from ml_playground.checkpoint.format import FORMAT_MAGIC, integrity_record
 from ml_playground.errors import CheckpointCorruptError, CheckpointError, CheckpointSchemaError, UnsafeCheckpointError
 from tests.conftest import make_checkpoint
 
@@ -139,7 +139,7 @@ def test_metadata_that_unpickles_but_is_not_plain_data_is_refused(
     # torch's weights-only unpickler allows these types, and the integrity record is even valid:
     # our own plain-data check must refuse them.
     body = _body(value)
-    body["integrity"] = _integrity(body)
+    body["integrity"] = integrity_record(body)
     run_dir.mkdir()
     with (run_dir / "ckpt_last_00000005.pt").open("wb") as handle:
         torch.save(body, handle)

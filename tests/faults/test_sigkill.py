@@ -1,8 +1,10 @@
-"""SIGKILL a child in the middle of a save, at >= 200 points spread over the whole save, and audit.
+"""SIGKILL a child in the middle of a save, at >= 300 points spread over the whole save, and audit.
 
 The parent (which has already imported torch) forks a child per kill. The child saves a ~4.5 MiB
 checkpoint as "best" then as "last" through ``CheckpointManager`` over earlier checkpoints, so
-rotation is in flight, and reports each completed file operation on a pipe. The parent kills it
+rotation is in flight, and reports each completed file operation on a pipe. One sweep runs the path
+``train`` runs: the writer lease held, the asynchronous saver on, rotation from the manager's own view
+of the names (no listing per save); there the next writer takes the dead child's lease over. The parent kills it
 either right after its N-th operation plus a random sub-millisecond-to-milliseconds delay (so every
 stage is hit: before the first byte, mid-write, after fsync, after the rename, mid-rotation, after
 completion) or after a random delay over the whole save. After each kill it checks:
@@ -21,11 +23,23 @@ import random
 import select
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
-from ml_playground.checkpoint import Checkpoint, CheckpointManager, CheckpointName, FileOps, KeepPolicy, LocalStore
+from ml_playground.checkpoint import (
+    AsyncCheckpointSaver,
+    Checkpoint,
+    CheckpointManager,
+    CheckpointName,
+    CheckpointSaver,
+    FileOps,
+    KeepPolicy,
+    LocalStore,
+    SyncCheckpointSaver,
+)
 from tests.faults._support import audit_all_load, big_checkpoint, expected_kept, fork_with_pipe, temporaries
 
 pytestmark = [
@@ -88,20 +102,35 @@ class ProgressOps(FileOps):
         self._tell(b"u")
 
 
-def _child(run: Path, fd: int, checkpoint: Checkpoint, keep: KeepPolicy) -> None:
-    # No tensor arithmetic here: the checkpoint was built before the fork, because a forked child
-    # that enters torch's OpenMP pool can deadlock. Saving only copies bytes and hashes them.
-    manager = CheckpointManager(LocalStore(run, file_ops=ProgressOps(fd)), keep)
+@dataclass(frozen=True)
+class Path_:
+    """How the child saves: plainly, or as ``train`` does (lease held, async saver, rotation from the view)."""
+
+    keep: KeepPolicy
+    as_train_does: bool = False
+
+
+def _child(run: Path, fd: int, checkpoint: Checkpoint, path: Path_) -> None:
+    # No parallel tensor work here: the checkpoint was built before the fork, because a forked child
+    # that enters torch's OpenMP pool can deadlock. Saving only copies bytes and hashes them; the async
+    # saver's snapshot copies tensors, on this one thread.
+    torch.set_num_threads(1)
+    manager = CheckpointManager(LocalStore(run, file_ops=ProgressOps(fd)), path.keep)
+    if path.as_train_does:
+        manager.acquire_writer()
+        manager.checkpoints()  # what train does before it saves: the view is listed once, under the lease
     os.write(fd, b"S")
-    manager.save_best(checkpoint)
-    manager.save_last(checkpoint)
+    saver: CheckpointSaver = AsyncCheckpointSaver(manager) if path.as_train_does else SyncCheckpointSaver(manager)
+    saver.save_best(checkpoint)
+    saver.save_last(checkpoint)
+    saver.close()
     os.write(fd, b"D")
     time.sleep(5)  # the parent kills us here at the latest
 
 
-def _fork_saver(run: Path, iter_num: int, keep: KeepPolicy) -> tuple[int, int]:
+def _fork_saver(run: Path, iter_num: int, path: Path_) -> tuple[int, int]:
     checkpoint = big_checkpoint(iter_num)
-    return fork_with_pipe(lambda write_fd: _child(run, write_fd, checkpoint, keep))
+    return fork_with_pipe(lambda write_fd: _child(run, write_fd, checkpoint, path))
 
 
 def _read_events(fd: int, want: int, deadline: float) -> bytes:
@@ -124,10 +153,10 @@ def _drain(fd: int) -> bytes:
     return data
 
 
-def _calibrate(run: Path, iter_num: int, keep: KeepPolicy) -> tuple[int, float]:
+def _calibrate(run: Path, iter_num: int, path: Path_) -> tuple[int, float]:
     """Let one child run a whole save: how many operations it reports and how long it takes."""
     start = time.monotonic()
-    pid, fd = _fork_saver(run, iter_num, keep)
+    pid, fd = _fork_saver(run, iter_num, path)
     try:
         events = b""
         while not events.endswith(b"D"):
@@ -142,25 +171,34 @@ def _calibrate(run: Path, iter_num: int, keep: KeepPolicy) -> tuple[int, float]:
     return len(events), elapsed
 
 
-def _save_next(run: Path, iter_num: int, keep: KeepPolicy) -> list[CheckpointName]:
-    manager = CheckpointManager(LocalStore(run), keep)
+def _save_next(run: Path, iter_num: int, path: Path_) -> list[CheckpointName]:
+    """The next writer; as train does, it takes the dead child's lease over."""
+    manager = CheckpointManager(LocalStore(run), path.keep)
+    lease = manager.acquire_writer() if path.as_train_does else None
     checkpoint = big_checkpoint(iter_num)
     saved = [manager.save_best(checkpoint), manager.save_last(checkpoint)]
+    if lease is not None:
+        lease.release()
     return [name for name in saved if name is not None]
 
 
 @pytest.mark.timeout(170)
-@pytest.mark.parametrize("keep", [KeepPolicy(last=1, best=1), KeepPolicy(last=2, best=2)], ids=["keep1", "keep2"])
+@pytest.mark.parametrize(
+    "path",
+    [Path_(KeepPolicy(last=1, best=1)), Path_(KeepPolicy(last=2, best=2)), Path_(KeepPolicy(last=2, best=1), True)],
+    ids=["keep1", "keep2", "as-train-does-lease-async-view"],
+)
 def test_sigkill_during_save_never_loses_or_exposes_a_checkpoint(
-    tmp_path: Path, keep: KeepPolicy, record_property: pytest.RecordProperty
+    tmp_path: Path, path: Path_, record_property: pytest.RecordProperty
 ) -> None:
+    keep = path.keep
     run = tmp_path / "run"
     seen: set[CheckpointName] = set()
     iter_num = 0
     for _ in range(keep.last + 1):  # earlier checkpoints, so the first kill already has rotation in flight
-        seen.update(_save_next(run if run.exists() else _mkdir(run), iter_num, keep))
+        seen.update(_save_next(run if run.exists() else _mkdir(run), iter_num, path))
         iter_num += 1
-    events_per_save, save_seconds = _calibrate(run, iter_num, keep)
+    events_per_save, save_seconds = _calibrate(run, iter_num, path)
     seen.update(_names(run))
     iter_num += 1
 
@@ -172,7 +210,7 @@ def test_sigkill_during_save_never_loses_or_exposes_a_checkpoint(
         latest = CheckpointManager(LocalStore(run), keep).latest()
         assert latest is not None
         newest_before = latest.name
-        pid, fd = _fork_saver(run, iter_num, keep)
+        pid, fd = _fork_saver(run, iter_num, path)
         start = time.monotonic()
         events = b""
         try:
@@ -202,7 +240,7 @@ def test_sigkill_during_save_never_loses_or_exposes_a_checkpoint(
         seen.update(names)
         leftovers += bool(temporaries(run))
 
-        seen.update(_save_next(run, iter_num + 1, keep))  # the next writer
+        seen.update(_save_next(run, iter_num + 1, path))  # the next writer
         if temporaries(run):
             found.append(f"the next writer left temporaries {temporaries(run)}")
         remaining, wanted = set(_names(run)), expected_kept(seen, keep)
@@ -216,7 +254,7 @@ def test_sigkill_during_save_never_loses_or_exposes_a_checkpoint(
         iter_num += 2
 
     summary = (
-        f"SIGKILL {keep}: kills={kills} violations={violations} rounds-with-leftover-temp={leftovers} "
+        f"SIGKILL {path}: kills={kills} violations={violations} rounds-with-leftover-temp={leftovers} "
         f"ops-per-save={events_per_save} save-seconds={save_seconds:.3f} stages={dict(stages)}"
     )
     print(summary)

@@ -12,7 +12,7 @@ import pytest
 
 from ml_playground.checkpoint import CheckpointManager, KeepPolicy, open_store
 from ml_playground.checkpoint._lease import LEASE_NAME
-from ml_playground.checkpoint._lease_s3 import S3WriterLease
+from ml_playground.checkpoint.stores.s3._lease import S3WriterLease
 from ml_playground.errors import CheckpointError, LocationLockedError
 from tests.conftest import make_checkpoint
 from tests.servers import MotoServer, S3LocationFactory
@@ -113,7 +113,7 @@ def _race(store: Any, contenders: int) -> list[str]:
     def contend() -> None:
         barrier.wait()
         try:
-            S3WriterLease(store.filesystem, store.url, ttl=60)
+            S3WriterLease(store.filesystem, store.location, ttl=60)
         except LocationLockedError:
             results.append("refused")
         else:

@@ -3,21 +3,27 @@
 >>> from ml_playground.checkpoint import Checkpoint, CheckpointManager, KeepPolicy, LocalStore
 >>> manager = CheckpointManager(LocalStore(path, create=True), KeepPolicy(last=2, best=1))
 >>> manager.save_last(checkpoint); manager.load_latest()
+
+Layout: ``format`` (the file format: encode, decode, verify, weights-only reads), ``stores`` (one module
+per backend, chosen through :mod:`ml_playground.schemes`), and beside them the typed values, names,
+rotation, the manager and the savers.
 """
 
 from ml_playground.checkpoint._async import AsyncCheckpointSaver, CheckpointSaver, SyncCheckpointSaver, open_saver
-from ml_playground.checkpoint._checkpoint import FORMAT_VERSION, Checkpoint, ModelWeights
-from ml_playground.checkpoint._codec import decode, encode
-from ml_playground.checkpoint._lease import WriterLease
-from ml_playground.checkpoint._manager import CheckpointInfo, CheckpointManager, MetricMode, improves
-from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName
-from ml_playground.checkpoint._rotation import KeepPolicy, to_delete
-from ml_playground.checkpoint._store import CheckpointStore, StoredObject
-from ml_playground.checkpoint.stores import FileOps, LocalStore, open_store
+from ml_playground.checkpoint._checkpoint import Checkpoint, ModelWeights
+from ml_playground.checkpoint._lease import Lease
+from ml_playground.checkpoint._manager import CheckpointManager
+from ml_playground.checkpoint._naming import CHECKPOINT_PREFIX, CheckpointInfo, CheckpointKind, CheckpointName
+from ml_playground.checkpoint._rotation import KeepPolicy, MetricMode, improves, to_delete
+from ml_playground.checkpoint._store import Capabilities, CheckpointStore, StoredObject
+from ml_playground.checkpoint.format import FORMAT_VERSION, decode, encode
+from ml_playground.checkpoint.stores import FileOps, LocalStore, WriterLease, open_store
 
 __all__ = [
+    "CHECKPOINT_PREFIX",
     "FORMAT_VERSION",
     "AsyncCheckpointSaver",
+    "Capabilities",
     "Checkpoint",
     "CheckpointInfo",
     "CheckpointKind",
@@ -27,6 +33,7 @@ __all__ = [
     "CheckpointStore",
     "FileOps",
     "KeepPolicy",
+    "Lease",
     "LocalStore",
     "MetricMode",
     "ModelWeights",

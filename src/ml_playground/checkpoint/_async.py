@@ -20,7 +20,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
@@ -28,7 +28,8 @@ import torch
 
 from ml_playground.checkpoint._checkpoint import Checkpoint
 from ml_playground.checkpoint._manager import CheckpointManager
-from ml_playground.checkpoint._naming import CheckpointName
+from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName
+from ml_playground.checkpoint._tree import map_tensors, walk
 from ml_playground.errors import CheckpointError
 
 __all__ = ["AsyncCheckpointSaver", "CheckpointSaver", "SyncCheckpointSaver", "open_saver", "snapshot"]
@@ -96,25 +97,22 @@ def snapshot(checkpoint: Checkpoint, *, into: Checkpoint | None = None) -> Check
 
 
 def _copy(tree: Any, spare: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        tensor = tree.detach()
+    spares = {node.keys: node.value for node in walk(spare) if isinstance(node.value, torch.Tensor)}
+
+    def copied(tensor: torch.Tensor, keys: tuple[object, ...]) -> torch.Tensor:
+        tensor = tensor.detach()
+        target = spares.get(keys)
         if (
-            isinstance(spare, torch.Tensor)
-            and spare.shape == tensor.shape
-            and spare.dtype == tensor.dtype
-            and spare.stride() == tensor.stride()
-            and spare.is_contiguous()
+            target is not None
+            and target.shape == tensor.shape
+            and target.dtype == tensor.dtype
+            and target.stride() == tensor.stride()
+            and target.is_contiguous()
         ):
-            return spare.copy_(tensor)
+            return target.copy_(tensor)
         return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
-    if isinstance(tree, Mapping):
-        spares = spare if isinstance(spare, Mapping) else {}
-        return {key: _copy(value, spares.get(key)) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        others = spare if isinstance(spare, (list, tuple)) and len(spare) == len(tree) else [None] * len(tree)
-        copied = [_copy(value, other) for value, other in zip(tree, others, strict=True)]
-        return copied if isinstance(tree, list) else tuple(copied)
-    return tree  # immutable plain values
+
+    return map_tensors(tree, copied)
 
 
 class AsyncCheckpointSaver:
@@ -131,25 +129,17 @@ class AsyncCheckpointSaver:
 
     def save_last(self, checkpoint: Checkpoint) -> CheckpointName | None:
         """Snapshot and save as "last" in the background; the name it will have, or None if ``keep.last`` is 0."""
-        self._ready()
-        if self.manager.keep.last == 0:
-            return None
-        name = CheckpointName.last(checkpoint.iter_num)
-        self._start(name, self.manager.save_last, self._snapshot(checkpoint))
-        return name
+        return self._save(CheckpointKind.LAST, checkpoint)
 
     def save_best(self, checkpoint: Checkpoint) -> CheckpointName | None:
         """Snapshot and save as "best" in the background; a non-finite metric raises here, synchronously."""
+        return self._save(CheckpointKind.BEST, checkpoint)
+
+    def _save(self, kind: CheckpointKind, checkpoint: Checkpoint) -> CheckpointName | None:
         self._ready()
-        if not checkpoint.has_finite_metric:
-            raise CheckpointError(
-                f"a best checkpoint needs a finite metric; iteration {checkpoint.iter_num} has "
-                f"{checkpoint.best_val_loss!r}"
-            )
-        if self.manager.keep.best == 0:
-            return None
-        name = CheckpointName.best(checkpoint.iter_num, checkpoint.best_val_loss)
-        self._start(name, self.manager.save_best, self._snapshot(checkpoint))
+        name = self.manager.name_for(kind, checkpoint)  # raises here, synchronously, for a non-finite best
+        if name is not None:
+            self._start(name, lambda state: self.manager.save(kind, state), self._snapshot(checkpoint))
         return name
 
     def wait(self) -> None:

@@ -9,17 +9,13 @@ from typing import Any, TypeAlias
 
 import torch
 
+from ml_playground.checkpoint._tree import check_plain_tree
 from ml_playground.errors import CheckpointSchemaError
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "ModelWeights", "PlainData", "StateDict", "check_plain_tree"]
-
-FORMAT_VERSION = 2
-"""The version this package writes. Older versions load through migrations; newer ones are refused."""
+__all__ = ["Checkpoint", "ModelWeights", "PlainData", "StateDict"]
 
 PlainData: TypeAlias = bool | int | float | str | list["PlainData"] | dict[str, "PlainData"] | None
 StateDict: TypeAlias = Mapping[str, torch.Tensor]
-
-_PLAIN_SCALARS = (type(None), bool, int, float, str)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -110,21 +106,3 @@ def _check_state_dict(name: str, state: object) -> None:
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointSchemaError(f"{name} must map str to tensors; entry {key!r} is {type(value).__name__}")
-
-
-def check_plain_tree(where: str, value: object, *, tensors_allowed: bool) -> None:
-    """Raise unless ``value`` is plain data (None, bool, int, float, str, list, tuple, dict) [and tensors]."""
-    if isinstance(value, _PLAIN_SCALARS) or (tensors_allowed and isinstance(value, torch.Tensor)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            check_plain_tree(f"{where}[{i}]", item, tensors_allowed=tensors_allowed)
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if isinstance(key, bool) or not isinstance(key, (str, int)):
-                raise CheckpointSchemaError(f"{where} has a key of type {type(key).__name__}: {key!r}")
-            check_plain_tree(f"{where}.{key}", item, tensors_allowed=tensors_allowed)
-        return
-    allowed = "tensors and plain data" if tensors_allowed else "plain data (no tensors)"
-    raise CheckpointSchemaError(f"{where} holds a {type(value).__name__}; only {allowed} may be saved")

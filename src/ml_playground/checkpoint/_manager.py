@@ -4,61 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Literal
 
 from ml_playground.checkpoint._checkpoint import Checkpoint, ModelWeights
-from ml_playground.checkpoint._codec import encode
-from ml_playground.checkpoint._lease import DEFAULT_TTL, Lease, WriterLease
-from ml_playground.checkpoint._loading import MapLocation, load_checkpoint, load_weights, verify_checkpoint
-from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName, is_checkpoint_like
-from ml_playground.checkpoint._rotation import KeepPolicy, best_first, newest_first, to_delete
+from ml_playground.checkpoint._lease import DEFAULT_TTL, Lease
+from ml_playground.checkpoint._loading import load_checkpoint, load_weights, verify_checkpoint
+from ml_playground.checkpoint._naming import CheckpointInfo, CheckpointKind, CheckpointName, is_checkpoint_like
+from ml_playground.checkpoint._rotation import KeepPolicy, MetricMode, best_first, newest_first, to_delete
 from ml_playground.checkpoint._store import CheckpointStore
-from ml_playground.checkpoint.stores._local import LocalStore
+from ml_playground.checkpoint.format import MapLocation, encode
 from ml_playground.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointRotatedAwayError,
 )
 
-__all__ = ["CheckpointInfo", "CheckpointManager", "MetricMode", "improves"]
+__all__ = ["CheckpointManager"]
 
 logger = logging.getLogger(__name__)
-
-MetricMode = Literal["min", "max"]
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint as listed: its parsed name plus what the store knows of it."""
-
-    name: CheckpointName
-    size: int
-    modified: datetime | None
-
-    @property
-    def filename(self) -> str:
-        return self.name.filename
-
-    @property
-    def kind(self) -> CheckpointKind:
-        return self.name.kind
-
-    @property
-    def iter_num(self) -> int:
-        return self.name.iter_num
-
-
-def improves(value: float, best: float, mode: MetricMode) -> bool:
-    """Whether ``value`` strictly beats ``best``; NaN and infinities never improve."""
-    if not math.isfinite(value):
-        return False
-    if not math.isfinite(best):
-        return True
-    return value < best if mode == "min" else value > best
 
 
 class CheckpointManager:
@@ -83,11 +47,8 @@ class CheckpointManager:
 
     @property
     def supports_writer_lease(self) -> bool:
-        """Whether this store has a writer lease: local directories and ``s3://`` locations."""
-        return isinstance(self.store, LocalStore) or self._is_s3()
-
-    def _is_s3(self) -> bool:
-        return self.store.url.startswith("s3://") and hasattr(self.store, "filesystem")
+        """Whether this store has a writer lease (local directories and ``s3://`` locations do)."""
+        return self.store.capabilities.writer_lease is not None
 
     def acquire_writer(self, *, force: bool = False, ttl: float = DEFAULT_TTL) -> Lease:
         """Take the writer lease of this run location; from then on every save and rotation checks it.
@@ -96,19 +57,13 @@ class CheckpointManager:
         ``force=True`` takes over a live writer's lease (an explicit user action). Use the returned
         lease as a context manager (or call ``release()``) when the run ends.
         """
-        lease: Lease
-        if isinstance(self.store, LocalStore):
-            lease = WriterLease(self.store.path, force=force, ttl=ttl)
-        elif self._is_s3():
-            from ml_playground.checkpoint._lease_s3 import S3WriterLease
-
-            lease = S3WriterLease(self.store.filesystem, self.store.url, force=force, ttl=ttl)  # type: ignore[attr-defined]
-        else:
+        factory = self.store.capabilities.writer_lease
+        if factory is None:
             raise CheckpointError(
                 f"writer leases exist for local directories and s3:// locations; {self.store.url} has none yet"
             )
-        self.lease = lease
-        return lease
+        self.lease = factory(force=force, ttl=ttl)
+        return self.lease
 
     # ------------------------------------------------------------ discovery
 
@@ -137,27 +92,57 @@ class CheckpointManager:
         ranked = newest_first(by_name)
         return by_name[ranked[0]] if ranked else None
 
+    def resume_point(self, policy: Literal["latest", "best"]) -> CheckpointInfo | None:
+        """The checkpoint a run resumes from by ``policy``; None in an empty location.
+
+        A run never goes back in time: a choice older than the newest checkpoint there raises.
+        """
+        infos = self.checkpoints()
+        if not infos:
+            return None
+        chosen = self.choose(policy)
+        if chosen.iter_num < infos[0].iter_num:
+            raise CheckpointError(
+                f"train.runtime.checkpointing.read_policy = {policy!r} picks {chosen.filename} (iteration "
+                f"{chosen.iter_num}), but {self.store.url} holds {infos[0].filename} (iteration "
+                f"{infos[0].iter_num}); a run never goes back in time. Use read_policy = 'latest', or a new out_dir"
+            )
+        return chosen
+
     # ------------------------------------------------------------ saving
+
+    def name_for(self, kind: CheckpointKind, checkpoint: Checkpoint) -> CheckpointName | None:
+        """The name ``checkpoint`` is saved under as ``kind``; None when that kind's keep is 0.
+
+        A best checkpoint is named by its ``best_val_loss``, which must be finite (NaN and infinities are
+        never best): anything else raises.
+        """
+        if kind is CheckpointKind.BEST and not checkpoint.has_finite_metric:
+            raise CheckpointError(
+                f"a best checkpoint needs a finite metric; iteration {checkpoint.iter_num} has "
+                f"{checkpoint.best_val_loss!r}"
+            )
+        if self.keep.of(kind) == 0:
+            return None
+        if kind is CheckpointKind.LAST:
+            return CheckpointName.last(checkpoint.iter_num)
+        return CheckpointName.best(checkpoint.iter_num, checkpoint.best_val_loss)
 
     def save_last(self, checkpoint: Checkpoint) -> CheckpointName | None:
         """Save ``checkpoint`` as a "last" checkpoint and rotate; None when ``keep.last`` is 0."""
-        if self.keep.last == 0:
-            return None
-        return self._save(CheckpointName.last(checkpoint.iter_num), checkpoint)
+        return self.save(CheckpointKind.LAST, checkpoint)
 
     def save_best(self, checkpoint: Checkpoint) -> CheckpointName | None:
         """Save ``checkpoint`` as a "best" checkpoint named by its ``best_val_loss``; None when ``keep.best`` is 0.
 
         A NaN or infinite metric is never best: it raises.
         """
-        if not checkpoint.has_finite_metric:
-            raise CheckpointError(
-                f"a best checkpoint needs a finite metric; iteration {checkpoint.iter_num} has "
-                f"{checkpoint.best_val_loss!r}"
-            )
-        if self.keep.best == 0:
-            return None
-        return self._save(CheckpointName.best(checkpoint.iter_num, checkpoint.best_val_loss), checkpoint)
+        return self.save(CheckpointKind.BEST, checkpoint)
+
+    def save(self, kind: CheckpointKind, checkpoint: Checkpoint) -> CheckpointName | None:
+        """Save ``checkpoint`` as ``kind`` (see :meth:`name_for`), then rotate."""
+        name = self.name_for(kind, checkpoint)
+        return None if name is None else self._save(name, checkpoint)
 
     def _save(self, name: CheckpointName, checkpoint: Checkpoint) -> CheckpointName:
         with self._forget_view_on_failure():
@@ -248,11 +233,12 @@ class CheckpointManager:
 
         ``mmap=True`` (local stores only) returns tensors backed by the file's pages; with
         ``verify=False`` as well the call returns before the tensor bytes are read, and
-        :meth:`verify` checks the file later (DESIGN.md, Integrity).
+        :meth:`verify` checks the file later (DESIGN.md, Integrity). A file whose name does not start
+        with ``ckpt_`` (a copy such as ``model.pt``) is loaded and verified, with no name to match.
         """
-        name = CheckpointName.parse(filename)
-        with self._rotated_away_if_missing(name):
-            return load_checkpoint(self.store, name, map_location=map_location, verify=verify, mmap=mmap)
+        name = self._parsed(filename)
+        with self._rotated_away_if_missing(filename, name):
+            return load_checkpoint(self.store, filename, name, map_location=map_location, verify=verify, mmap=mmap)
 
     def load_weights(self, filename: str, *, map_location: MapLocation = None, verify: bool = True) -> ModelWeights:
         """Load one checkpoint's model and EMA weights (no optimizer, no RNG state), checked like :meth:`load`.
@@ -261,15 +247,19 @@ class CheckpointManager:
         (docs/performance.md, target 7); ``verify`` checks the structure and those tensors' digests.
         ``map_location=None`` puts the tensors on the CPU.
         """
-        name = CheckpointName.parse(filename)
-        with self._rotated_away_if_missing(name):
-            return load_weights(self.store, name, map_location=map_location, verify=verify)
+        name = self._parsed(filename)
+        with self._rotated_away_if_missing(filename, name):
+            return load_weights(self.store, filename, name, map_location=map_location, verify=verify)
 
     def verify(self, filename: str) -> None:
         """Check one checkpoint's checksums (memory-mapped where the store is local); damage raises."""
-        name = CheckpointName.parse(filename)
-        with self._rotated_away_if_missing(name):
-            verify_checkpoint(self.store, name)
+        name = self._parsed(filename)
+        with self._rotated_away_if_missing(filename, name):
+            verify_checkpoint(self.store, filename)
+
+    @staticmethod
+    def _parsed(filename: str) -> CheckpointName | None:
+        return CheckpointName.parse(filename) if is_checkpoint_like(filename) else None
 
     def load_latest(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
         return self._load_chosen(self.latest(), "any", map_location, verify, mmap)
@@ -294,11 +284,13 @@ class CheckpointManager:
         return self.load(info.filename, map_location=map_location, verify=verify, mmap=mmap)
 
     @contextlib.contextmanager
-    def _rotated_away_if_missing(self, name: CheckpointName) -> Iterator[None]:
+    def _rotated_away_if_missing(self, filename: str, name: CheckpointName | None) -> Iterator[None]:
         try:
             yield
         except CheckpointNotFoundError:
-            source = f"{self.store.url}/{name.filename}"
+            source = f"{self.store.url}/{filename}"
+            if name is None:
+                raise CheckpointNotFoundError(f"no file {source}") from None
             newer = [info for info in self.checkpoints() if info.kind is name.kind and info.iter_num > name.iter_num]
             if newer:
                 raise CheckpointRotatedAwayError(

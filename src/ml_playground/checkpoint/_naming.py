@@ -9,11 +9,19 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from ml_playground.errors import CheckpointNameError
 
-__all__ = ["CHECKPOINT_PREFIX", "CheckpointKind", "CheckpointName", "format_metric", "is_checkpoint_like"]
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CheckpointInfo",
+    "CheckpointKind",
+    "CheckpointName",
+    "format_metric",
+    "is_checkpoint_like",
+]
 
 CHECKPOINT_PREFIX = "ckpt_"
 MAX_NAME_BYTES = 255
@@ -90,3 +98,24 @@ def _check_iter(iter_num: int) -> int:
     if isinstance(iter_num, bool) or not isinstance(iter_num, int) or iter_num < 0:
         raise CheckpointNameError(f"iteration must be an int >= 0, got {iter_num!r}")
     return iter_num
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint as listed: its parsed name plus what the store knows of it."""
+
+    name: CheckpointName
+    size: int
+    modified: datetime | None
+
+    @property
+    def filename(self) -> str:
+        return self.name.filename
+
+    @property
+    def kind(self) -> CheckpointKind:
+        return self.name.kind
+
+    @property
+    def iter_num(self) -> int:
+        return self.name.iter_num

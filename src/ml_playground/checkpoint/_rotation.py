@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from ml_playground.checkpoint._naming import CheckpointKind, CheckpointName
 
-__all__ = ["KeepPolicy", "best_first", "newest_first", "to_delete"]
+MetricMode = Literal["min", "max"]
+
+__all__ = ["KeepPolicy", "MetricMode", "best_first", "improves", "newest_first", "to_delete"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ def newest_first(names: Iterable[CheckpointName]) -> list[CheckpointName]:
     return sorted(names, key=lambda n: n.iter_num, reverse=True)
 
 
-def best_first(names: Iterable[CheckpointName], mode: Literal["min", "max"]) -> list[CheckpointName]:
+def best_first(names: Iterable[CheckpointName], mode: MetricMode) -> list[CheckpointName]:
     """Best metric first; among equal metrics the newer one first."""
     sign = 1.0 if mode == "min" else -1.0
     return sorted(names, key=lambda n: (sign * (n.metric or 0.0), -n.iter_num))
@@ -41,7 +44,7 @@ def best_first(names: Iterable[CheckpointName], mode: Literal["min", "max"]) -> 
 def to_delete(
     stored: Iterable[CheckpointName],
     keep: KeepPolicy,
-    mode: Literal["min", "max"],
+    mode: MetricMode,
     protect: CheckpointName | None = None,
 ) -> list[CheckpointName]:
     """The checkpoints to delete so that ``min(keep, n)`` of each kind remain.
@@ -60,3 +63,12 @@ def to_delete(
             quota = max(quota - 1, 0)
         doomed.extend(ranked[quota:])
     return sorted(doomed, key=lambda n: (n.kind.value, n.iter_num, n.metric or 0.0))
+
+
+def improves(value: float, best: float, mode: MetricMode) -> bool:
+    """Whether ``value`` strictly beats ``best``; NaN and infinities never improve."""
+    if not math.isfinite(value):
+        return False
+    if not math.isfinite(best):
+        return True
+    return value < best if mode == "min" else value > best

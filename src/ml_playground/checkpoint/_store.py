@@ -1,21 +1,24 @@
-"""The storage protocol every checkpoint store implements: a few verbs on named objects in one location."""
+"""The storage protocol every checkpoint store implements: a few verbs on named objects in one location,
+and the optional abilities a store declares (never sniffed from its type or URL)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ml_playground.checkpoint._lease import Lease
 
 __all__ = [
     "TEMP_PREFIX",
+    "Capabilities",
     "CheckpointStore",
-    "LocalCopyStore",
-    "LocalPathStore",
+    "LeaseFactory",
     "PartialCopy",
-    "PartialCopyStore",
     "StoredObject",
 ]
 
@@ -30,55 +33,6 @@ class StoredObject:
     name: str
     size: int
     modified: datetime | None
-
-
-@runtime_checkable
-class CheckpointStore(Protocol):
-    """Named objects in one location, with atomic writes.
-
-    - ``write(name)`` yields a binary stream; the object becomes visible under ``name`` only when the
-      ``with`` block ends without an exception, complete and durable. On any exception (including
-      ``KeyboardInterrupt``) nothing appears under ``name`` and the exception propagates. A name that is
-      already committed raises :class:`~ml_playground.errors.CheckpointExistsError`: never overwritten.
-    - ``open(name)`` yields a readable, seekable binary stream of a committed object.
-    - ``list()`` returns the committed objects, read fresh from the store (never a stale cache), and
-      never an in-flight temporary.
-    - ``delete(name)`` removes a committed object; failure raises.
-
-    Every failure is raised as a :class:`~ml_playground.errors.CheckpointError` naming the path or URL.
-    """
-
-    @property
-    def url(self) -> str:
-        """The location, as a path or URL a user recognises."""
-        ...
-
-    def write(self, name: str) -> AbstractContextManager[IO[bytes]]: ...
-
-    def open(self, name: str) -> AbstractContextManager[IO[bytes]]: ...
-
-    def list(self) -> list[StoredObject]: ...
-
-    def delete(self, name: str) -> None: ...
-
-
-@runtime_checkable
-class LocalPathStore(Protocol):
-    """An optional capability: a store whose committed objects are local files (memory-mappable)."""
-
-    def local_path(self, name: str) -> Path:
-        """The file of committed object ``name``; a missing one raises CheckpointNotFoundError."""
-        ...
-
-
-@runtime_checkable
-class LocalCopyStore(Protocol):
-    """An optional capability: a remote store that can fetch an object into a temporary local file."""
-
-    def local_copy(self, name: str) -> AbstractContextManager[Path | None]:
-        """A temporary local copy of committed object ``name``, deleted when the block ends; None where
-        the store prefers to be read as a stream (:meth:`CheckpointStore.open`)."""
-        ...
 
 
 class PartialCopy(Protocol):
@@ -97,11 +51,58 @@ class PartialCopy(Protocol):
     def fetch(self, ranges: Sequence[tuple[int, int]]) -> None: ...
 
 
-@runtime_checkable
-class PartialCopyStore(Protocol):
-    """An optional capability: a remote store that fetches chosen byte ranges of an object into a local file."""
+class LeaseFactory(Protocol):
+    def __call__(self, *, force: bool, ttl: float) -> Lease: ...
 
-    def partial_copy(self, name: str) -> AbstractContextManager[PartialCopy | None]:
-        """An empty sparse local copy of committed object ``name``, deleted when the block ends; None when
-        the temporary directory cannot hold one. A missing object raises CheckpointNotFoundError."""
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a store can do beyond the protocol's verbs; None where it cannot.
+
+    - ``writer_lease(force=, ttl=)``: take the location's writer lease (one live writer per location).
+    - ``local_path(name)``: the local file of a committed object (``torch.load`` by path, mmap); a
+      missing one raises CheckpointNotFoundError.
+    - ``local_copy(name)``: a temporary local copy of a remote object, deleted when the block ends;
+      None where the store prefers to be read as a stream (e.g. no room in ``TMPDIR``).
+    - ``partial_copy(name)``: an empty sparse local copy that fetches chosen byte ranges
+      (:class:`PartialCopy`), deleted when the block ends; None when ``TMPDIR`` cannot hold one.
+    """
+
+    writer_lease: LeaseFactory | None = None
+    local_path: Callable[[str], Path] | None = None
+    local_copy: Callable[[str], AbstractContextManager[Path | None]] | None = None
+    partial_copy: Callable[[str], AbstractContextManager[PartialCopy | None]] | None = None
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Named objects in one location, with atomic writes.
+
+    - ``write(name)`` yields a binary stream; the object becomes visible under ``name`` only when the
+      ``with`` block ends without an exception, complete and durable. On any exception (including
+      ``KeyboardInterrupt``) nothing appears under ``name`` and the exception propagates. A name that is
+      already committed raises :class:`~ml_playground.errors.CheckpointExistsError`: never overwritten.
+    - ``open(name)`` yields a readable, seekable binary stream of a committed object.
+    - ``list()`` returns the committed objects, read fresh from the store (never a stale cache), and
+      never an in-flight temporary.
+    - ``delete(name)`` removes a committed object; failure raises.
+    - ``capabilities`` declares what else the store can do.
+
+    Every failure is raised as a :class:`~ml_playground.errors.CheckpointError` naming the path or URL.
+    """
+
+    @property
+    def url(self) -> str:
+        """The location, as a path or URL a user recognises."""
         ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def write(self, name: str) -> AbstractContextManager[IO[bytes]]: ...
+
+    def open(self, name: str) -> AbstractContextManager[IO[bytes]]: ...
+
+    def list(self) -> list[StoredObject]: ...
+
+    def delete(self, name: str) -> None: ...

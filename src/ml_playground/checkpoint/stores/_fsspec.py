@@ -1,97 +1,65 @@
-"""FsspecStore: checkpoints as objects under one prefix of an fsspec filesystem (s3://, gs://, memory://).
+"""FsspecStore: what the object stores share (listing, reading, deleting, sparse copies); each commits its own way.
 
-The commit is each scheme's own strategy, because each backend offers a different atomic primitive:
-
-- ``s3``: our own multipart writer (:class:`S3Upload`): concurrent parts, the object appears only at
-  ``CompleteMultipartUpload`` / ``PutObject`` with ``If-None-Match: *``, abort on any failure.
-- ``memory``: fsspec's memory files appear as soon as they are opened and ignore ``autocommit=False``,
-  so a save writes a temporary key (never listed) and moves it onto the name when complete.
-- anything else (``gs``): an uncommitted fsspec file (``autocommit=False``, mode ``"xb"``): ``commit()``
-  when the block ends, ``discard()`` on any exception and after a failed commit. Never
-  ``fs.transaction``: it is shared by every user of the filesystem instance.
-
-Listings bypass fsspec's caches; every backend error leaves through
-:mod:`~ml_playground.checkpoint.stores._translate`.
+A backend subclasses it (``s3.S3Store``, ``gcs.GcsStore``, ``memory.MemoryStore``), builds its fsspec
+filesystem from its typed storage options in ``from_location``, and implements ``_write`` with the
+atomic primitive its backend offers. Listings bypass fsspec's caches; every backend error leaves
+through :mod:`~ml_playground.checkpoint.stores._translate`; every stream handed out keeps its first
+failure (:class:`~ml_playground.checkpoint._streams.FailureKeeping`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import secrets
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from pathlib import Path
+from functools import partial
 from typing import IO, Any
 
-from ml_playground.checkpoint._store import TEMP_PREFIX, PartialCopy, StoredObject
-from ml_playground.checkpoint.stores._filesystems import READ_BLOCK_SIZE, make_filesystem
-from ml_playground.checkpoint.stores._partial import partial_copy
-from ml_playground.checkpoint.stores._s3_download import downloaded
-from ml_playground.checkpoint.stores._s3_upload import S3Upload, abort_stale_uploads
-from ml_playground.checkpoint.stores._streams import Reader, Writer, raise_own_failure
-from ml_playground.checkpoint.stores._translate import error_code, translated
+from ml_playground.checkpoint._store import TEMP_PREFIX, Capabilities, PartialCopy, StoredObject
+from ml_playground.checkpoint._streams import FailureKeeping
+from ml_playground.checkpoint.stores._partial import cat_fetcher, partial_copy
+from ml_playground.checkpoint.stores._translate import error_code, translate, translated
 from ml_playground.errors import (
     CheckpointExistsError,
+    CheckpointNameError,
     CheckpointNotFoundError,
     StorageUnavailableError,
 )
 from ml_playground.locations import RemoteLocation
 
-__all__ = ["FsspecStore"]
+__all__ = ["READ_BLOCK_SIZE", "FsspecStore"]
 
-logger = logging.getLogger(__name__)
-
+READ_BLOCK_SIZE = 16 * 2**20
+"""Bytes fetched per ranged GET when reading: bounds a reader's memory, amortises request latency."""
 _MIB = 2**20
 
 
 class FsspecStore:
-    """Checkpoints as objects under ``url`` on the fsspec filesystem ``fs``.
+    """Checkpoints as objects under one location of an fsspec filesystem.
 
-    Build it with :meth:`from_location` (a validated location and its typed storage options), or
-    from your own filesystem instance. ``create=True`` (a writer) proves the location writable now
-    by writing and deleting a probe object, so a missing bucket, denied access, missing credentials
-    or an unreachable endpoint fail before training starts.
+    ``create=True`` (a writer) proves the location writable by writing and deleting a probe object, so a
+    missing bucket, denied access, missing credentials or an unreachable endpoint fail before training.
     """
 
     def __init__(
         self,
-        fs: Any,
-        url: str,
+        location: RemoteLocation,
+        filesystem: Any,
         *,
         create: bool = False,
-        part_size_mib: int = 50,
-        max_concurrency: int = 4,
         read_block_size: int = READ_BLOCK_SIZE,
     ) -> None:
-        scheme, sep, root = url.partition("://")
-        if not sep or not root.strip("/"):
-            raise ValueError(f"{url!r} is not a URL with a scheme and a path")
-        self._fs = fs
-        self._scheme = scheme.lower()
-        self._url = f"{self._scheme}://{root.strip('/')}"
-        self._part_size = part_size_mib * _MIB
-        self._max_concurrency = max_concurrency
+        self.location = location
+        self._fs = filesystem
+        self._url = location.url
+        options = location.storage_options
+        self._part_size = options.part_size_mib * _MIB
+        self._max_concurrency = options.max_concurrency
         self._read_block_size = read_block_size
         if create:
-            self._prove_writable(fs)
-
-    @classmethod
-    def from_location(cls, location: RemoteLocation, *, create: bool) -> FsspecStore:
-        """The store for a location that :mod:`ml_playground.config_loader` validated."""
-        options = location.storage_options
-        store = cls(
-            make_filesystem(location),
-            location.url,
-            part_size_mib=options.part_size_mib,
-            max_concurrency=options.max_concurrency,
-        )
-        if create:
-            store._prove_writable(_quick_filesystem(location) if location.scheme != "memory" else store._fs)
-            if location.scheme == "s3":
-                bucket, _, prefix = location.root.partition("/")
-                abort_stale_uploads(store._fs, bucket, prefix)
-        return store
+            self._prove_writable(filesystem)
 
     @property
     def url(self) -> str:
@@ -101,6 +69,11 @@ class FsspecStore:
     def filesystem(self) -> Any:
         """The fsspec filesystem underneath (for event hooks and request counting in tests and benchmarks)."""
         return self._fs
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Sparse partial copies (``fs.cat_ranges``); a backend adds what it can do better."""
+        return Capabilities(partial_copy=self._partial_copy)
 
     # ------------------------------------------------------------ reading
 
@@ -124,39 +97,27 @@ class FsspecStore:
         url = self._child(name)
         with translated("opening", url):
             handle = self._fs.open(url, "rb", block_size=self._read_block_size, cache_type="readahead")
-        reader = Reader(handle, url)
+        reader = FailureKeeping(handle, partial(translate, operation="reading", url=url))
         try:
             yield reader  # type: ignore[misc]
         except Exception as exc:
-            raise_own_failure(reader.failure, exc)
+            reader.raise_own_failure(exc)
             raise
         finally:
-            reader.close()
+            with contextlib.suppress(Exception):
+                handle.close()
 
-    @contextlib.contextmanager
-    def local_copy(self, name: str) -> Iterator[Path | None]:
-        """On S3, a temporary local copy of ``name`` (deleted on exit); None where streaming is the way.
-
-        The copy comes from ``max_concurrency`` ranged GETs of ``part_size_mib`` at once, with a few
-        MiB of client memory; loading it by path is faster than ``torch.load`` over :meth:`open`'s
-        stream (docs/performance.md, target 4). None too when ``TMPDIR`` lacks the space.
-        """
-        if self._scheme not in ("s3", "s3a"):
-            yield None
-            return
-        url = self._child(name)
-        with downloaded(self._fs, url, range_size=self._part_size, max_concurrency=self._max_concurrency) as path:
-            yield path
-
-    def partial_copy(self, name: str) -> contextlib.AbstractContextManager[PartialCopy | None]:
+    def _partial_copy(self, name: str) -> AbstractContextManager[PartialCopy | None]:
         """An empty sparse local copy of ``name`` that fetches only the byte ranges asked for (deleted on exit).
 
-        A weights-only load fetches the model's records through it (docs/performance.md, target 7): on
-        S3 with ``max_concurrency`` ranged GETs of up to ``part_size_mib``, elsewhere with ``cat_ranges``.
+        A weights-only load fetches the model's records through it (docs/performance.md, target 7), here
+        with ``cat_ranges``, ``max_concurrency`` pieces at a time.
         """
-        return partial_copy(
-            self._fs, self._child(name), self._scheme, range_size=self._part_size, max_concurrency=self._max_concurrency
-        )
+        url = self._child(name)
+        with translated("loading", url):
+            self._fs.invalidate_cache(url)
+            size = int(self._fs.info(url)["size"])
+        return partial_copy(url, size, cat_fetcher(self._fs, url, self._max_concurrency))
 
     def delete(self, name: str) -> None:
         url = self._child(name)
@@ -167,113 +128,37 @@ class FsspecStore:
 
     # ------------------------------------------------------------ writing
 
-    def write(self, name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+    def write(self, name: str) -> AbstractContextManager[IO[bytes]]:
         url = self._child(name)
-        if self._exists(url):
+        if self._exists(url, name):
             raise CheckpointExistsError(f"{url} already exists; checkpoints are never overwritten")
-        if self._scheme in ("s3", "s3a"):
-            return self._write_s3(url)
-        if self._scheme == "memory":
-            return self._write_via_temporary(url, name)
-        return self._write_uncommitted(url)
+        return self._write(url, name)
 
-    @contextlib.contextmanager
-    def _write_s3(self, url: str) -> Iterator[IO[bytes]]:
-        bucket, _, key = url.partition("://")[2].partition("/")
-        upload = S3Upload(self._fs, bucket, key, part_size=self._part_size, max_concurrency=self._max_concurrency)
-        try:
-            yield upload  # type: ignore[misc]
-            upload.commit()
-        except BaseException as exc:
-            upload.abort()
-            raise_own_failure(upload.failure, exc)
-            raise
-
-    @contextlib.contextmanager
-    def _write_via_temporary(self, url: str, name: str) -> Iterator[IO[bytes]]:
-        temp = f"{self._url}/{TEMP_PREFIX}{secrets.token_hex(4)}.{name}"
-        with translated("saving", url):
-            handle = self._fs.open(temp, "wb")
-        writer = Writer(handle, url)
-        try:
-            yield writer  # type: ignore[misc]
-            with translated("saving", url):
-                handle.close()
-                if self._fs.exists(url):
-                    raise CheckpointExistsError(f"{url} was written by another writer meanwhile; not overwritten")
-                self._fs.mv(temp, url)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                handle.close()
-            with contextlib.suppress(Exception):
-                self._fs.rm_file(temp)
-            raise_own_failure(writer.failure, exc)
-            raise
-
-    @contextlib.contextmanager
-    def _write_uncommitted(self, url: str) -> Iterator[IO[bytes]]:
-        with translated("saving", url):
-            handle = self._fs.open(url, "xb", autocommit=False, block_size=self._part_size)
-        writer = Writer(handle, url)
-        try:
-            yield writer  # type: ignore[misc]
-            with translated("saving", url):
-                handle.close()
-                handle.commit()
-        except BaseException as exc:
-            try:
-                handle.discard()
-            except Exception as discard_exc:
-                logger.warning("could not cancel the unfinished upload of %s: %s", url, discard_exc)
-            # a handle left open is flushed by its finaliser later (gcsfs defers that to a thread)
-            handle.closed = True
-            raise_own_failure(writer.failure, exc)
-            raise
+    def _write(self, url: str, name: str) -> AbstractContextManager[IO[bytes]]:
+        """The backend's atomic write of ``name`` (at ``url``): visible only when the block ends cleanly."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------ helpers
 
-    def _exists(self, url: str) -> bool:
+    def _exists(self, url: str, name: str) -> bool:
         with translated("checking before saving", url):
-            if self._scheme in ("s3", "s3a"):  # one HEAD; fs.exists would also list a "directory" of that name
-                bucket, _, key = url.partition("://")[2].partition("/")
-                try:
-                    self._fs.call_s3("head_object", Bucket=bucket, Key=key)
-                except FileNotFoundError as exc:
-                    if error_code(exc) == "NoSuchBucket":
-                        raise
-                    return False
-                return True
             self._fs.invalidate_cache(url)
             return bool(self._fs.exists(url))
 
     def _prove_writable(self, fs: Any) -> None:
-        probe = f"{self._url}/{TEMP_PREFIX}probe.{secrets.token_hex(4)}"
+        probe = self._child(f"probe.{secrets.token_hex(4)}", temporary=True)
         try:
             with translated("checking that the checkpoint location is writable:", self._url):
-                if self._scheme == "memory":
-                    fs.makedirs(self._url, exist_ok=True)
                 fs.pipe_file(probe, b"")
                 fs.rm_file(probe)
         except CheckpointNotFoundError as exc:
             raise StorageUnavailableError(f"{exc}; the bucket or location does not exist") from exc
 
-    def _child(self, name: str) -> str:
+    def _child(self, name: str, *, temporary: bool = False) -> str:
+        """The URL of object ``name``; ``temporary`` names an in-flight object (never listed)."""
         if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(TEMP_PREFIX):
-            raise ValueError(f"{name!r} is not a valid object name in {self._url}")
-        return f"{self._url}/{name}"
-
-
-def _quick_filesystem(location: RemoteLocation) -> Any:
-    """A filesystem with a short connect timeout (and on S3 at most two attempts), for the probe at open.
-
-    A dead endpoint then fails in seconds; the store's own requests keep the configured retries.
-    """
-    options = location.storage_options
-    update: dict[str, object] = {"connect_timeout": min(options.connect_timeout, 5.0)}
-    if location.scheme == "s3":
-        update["max_attempts"] = min(options.max_attempts, 2)
-    quick = options.model_copy(update=update)
-    return make_filesystem(location.model_copy(update={"storage_options": quick}))
+            raise CheckpointNameError(f"{name!r} is not a valid object name in {self._url}")
+        return self.location.child(f"{TEMP_PREFIX}{name}" if temporary else name)
 
 
 def _basename(path: str) -> str:

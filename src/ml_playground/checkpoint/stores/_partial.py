@@ -1,11 +1,10 @@
 """Sparse local copies of remote objects: only the byte ranges the caller asks for are fetched.
 
-A weights-only load (:mod:`ml_playground.checkpoint._weights`) reads an archive's directory, its
-pickle and the model's records; the rest of the file stays a hole. On S3 the ranges come from
-concurrent ranged GETs carrying the ETag of one HEAD as If-Match, as a full local copy's do
-(:mod:`._s3_download`), so an object replaced meanwhile fails instead of mixing two objects' bytes. On
-other fsspec filesystems they come from ``fs.cat_ranges``, ``max_concurrency`` pieces of at most
-8 MiB at a time, so the client holds a few tens of MiB whatever the size.
+A weights-only load (:mod:`ml_playground.checkpoint.format`) reads an archive's directory, its pickle
+and the model's records; the rest of the file stays a hole. How the ranges are fetched is the store's
+choice (a :data:`Fetcher`): S3 uses concurrent ranged GETs pinned to one ETag; any fsspec filesystem
+can use :func:`cat_fetcher` (``fs.cat_ranges``, ``max_concurrency`` pieces of at most 8 MiB at a time,
+so the client holds a few tens of MiB whatever the size).
 """
 
 from __future__ import annotations
@@ -20,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from ml_playground.checkpoint._store import PartialCopy
-from ml_playground.checkpoint.stores._s3_download import fetch_ranges, head, local_staging, sized_temp_file, split
+from ml_playground.checkpoint.stores._staging import local_staging, sized_temp_file, split
 from ml_playground.checkpoint.stores._translate import translated
 from ml_playground.errors import CheckpointCorruptError, StorageError
 
-__all__ = ["partial_copy"]
+__all__ = ["Fetcher", "cat_fetcher", "partial_copy"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +31,7 @@ _SPARE = 64 * 2**20  # free space kept beyond the fetched bytes in the temporary
 _CAT_PIECE = 8 * 2**20
 
 Fetcher = Callable[[Path, list[tuple[int, int]]], None]
+"""Writes the object's bytes of each range into the same offsets of the existing local file."""
 
 
 class SparseCopy:
@@ -73,29 +73,11 @@ class SparseCopy:
 
 
 @contextlib.contextmanager
-def partial_copy(
-    fs: Any, url: str, scheme: str, *, range_size: int, max_concurrency: int
-) -> Iterator[PartialCopy | None]:
-    """An empty sparse copy of the object ``url`` (nothing fetched yet), deleted on exit.
+def partial_copy(url: str, size: int, fetcher: Fetcher) -> Iterator[PartialCopy | None]:
+    """An empty sparse copy of the object ``url`` of ``size`` bytes (nothing fetched yet), deleted on exit.
 
-    Yields None when the temporary directory (``TMPDIR``) lacks even the spare space. A missing
-    object raises CheckpointNotFoundError; any backend failure the package's StorageError.
+    Yields None when the temporary directory (``TMPDIR``) lacks even the spare space.
     """
-    fetcher: Fetcher
-    if scheme in ("s3", "s3a"):
-        object_id, size = head(fs, url)
-
-        def fetcher(path: Path, ranges: list[tuple[int, int]]) -> None:
-            fetch_ranges(fs, url, object_id, path, split(ranges, range_size), max_concurrency)
-
-    else:
-        with translated("loading", url):
-            fs.invalidate_cache(url)
-            size = int(fs.info(url)["size"])
-
-        def fetcher(path: Path, ranges: list[tuple[int, int]]) -> None:
-            _cat_into(fs, url, path, split(ranges, _CAT_PIECE), max(1, max_concurrency))
-
     directory = tempfile.gettempdir()
     with local_staging(url, directory):
         free = shutil.disk_usage(directory).free
@@ -105,6 +87,15 @@ def partial_copy(
         return
     with sized_temp_file("ml_playground-weights-", size, url) as path:
         yield SparseCopy(path, size, url, fetcher)
+
+
+def cat_fetcher(fs: Any, url: str, max_concurrency: int) -> Fetcher:
+    """A fetcher over ``fs.cat_ranges``: ``max_concurrency`` pieces of at most 8 MiB per call."""
+
+    def fetch(path: Path, ranges: list[tuple[int, int]]) -> None:
+        _cat_into(fs, url, path, split(ranges, _CAT_PIECE), max(1, max_concurrency))
+
+    return fetch
 
 
 def _cat_into(fs: Any, url: str, path: Path, pieces: list[tuple[int, int]], batch: int) -> None:

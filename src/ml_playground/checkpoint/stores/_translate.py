@@ -1,5 +1,8 @@
 """The one boundary where botocore / aiobotocore / s3fs / gcsfs / aiohttp / OS errors become ours.
 
+Every backend status code and errno the stores act on is in the tables below; stores ask
+:func:`is_conflict`, :func:`is_missing` and :func:`is_changed` instead of comparing codes themselves.
+
 Backends report the same condition in many shapes: botocore raises ``ClientError`` with a code,
 s3fs re-raises it as an ``OSError`` subclass with the ``ClientError`` as its cause, gcsfs raises its
 own ``HttpError`` with an HTTP status, and connection failures arrive as botocore or aiohttp
@@ -11,7 +14,9 @@ no optional backend.
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
+from pathlib import Path
 
 from ml_playground.errors import (
     CheckpointError,
@@ -22,10 +27,13 @@ from ml_playground.errors import (
     StorageUnavailableError,
 )
 
-__all__ = ["error_code", "translate", "translated"]
+__all__ = ["error_code", "is_changed", "is_conflict", "is_missing", "os_error", "translate", "translated"]
 
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _EXISTS_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+_CONFLICT_CODES = {*_EXISTS_CODES, "409"}
+"""A conditional request lost (If-Match / If-None-Match), or S3 refused a concurrent conditional write."""
+_UNAVAILABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 _MISSING_BUCKET_CODES = {"NoSuchBucket", "InvalidBucketName"}
 _DENIED_CODES = {
     "AccessDenied",
@@ -107,6 +115,31 @@ def translated(operation: str, url: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise translate(exc, operation, url) from exc
+
+
+def os_error(exc: OSError, what: str, path: Path) -> StorageError:
+    """The package error for a local file-system error while doing ``what`` with ``path``."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"{what}: no space left on the device holding {path}; free space and retry")
+    if exc.errno in _UNAVAILABLE_ERRNOS:
+        return StorageUnavailableError(f"{what}: {reason} ({path}); check that the location is writable")
+    return StorageError(f"{what}: {reason} ({path})")
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """A conditional request (If-Match, If-None-Match) lost: the object is not what the caller thought."""
+    return error_code(exc) in _CONFLICT_CODES
+
+
+def is_missing(exc: BaseException) -> bool:
+    """The object (or what holds it) does not exist."""
+    return error_code(exc) in _NOT_FOUND_CODES or isinstance(exc, FileNotFoundError)
+
+
+def is_changed(exc: BaseException) -> bool:
+    """A read pinned to an ETag (If-Match) found the object replaced."""
+    return error_code(exc) in ("PreconditionFailed", "412")
 
 
 def error_code(exc: BaseException) -> str | None:

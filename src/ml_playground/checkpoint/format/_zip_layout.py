@@ -1,0 +1,235 @@
+"""Where a ``torch.save`` archive keeps what: its records, read from the zip's central directory.
+
+A checkpoint is an uncompressed zip::
+
+    [data.pkl][.format_version][.storage_alignment][byteorder][data/0][data/1]...[version, ...][directory][EOCD]
+
+Each storage is one ``data/<key>`` record, written in key order, i.e. in the order the pickle first
+meets it. This module reads the directory (the stdlib ``zipfile`` reads only the end of a file for
+it, so a sparse file that holds the tail is enough), says which byte ranges hold the metadata
+records and a record's local header, ties the storages of a memory-mapped load to their records,
+and coalesces ranges. It does no I/O but reading the local file it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import struct
+import sys
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from ml_playground.errors import CheckpointCorruptError, CheckpointError
+
+__all__ = ["TAIL", "Archive", "Record", "coalesce", "data_offset", "directory_start", "header_range", "match_storages"]
+
+TAIL = 64 * 2**10
+"""Bytes fetched from the end first: the EOCD, and the whole directory of a checkpoint of ~500 tensors."""
+
+_EOCD = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EOCD = b"PK\x06\x06"
+_LOCAL_HEADER = b"PK\x03\x04"
+_LOCAL_HEADER_SIZE = 30
+_HEADER_SLACK = 4 + 20 + 64  # torch's alignment-padding field, a zip64 field, the default alignment
+_STORAGE_NAME = re.compile(r"^[^/]+/data/(\d+)$")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One zip member: its local header's offset, its data's size, and where the next record starts."""
+
+    name: str
+    header_offset: int
+    size: int
+    end: int
+
+    @property
+    def storage_key(self) -> str | None:
+        """The storage key of a ``<archive>/data/<key>`` record, else None."""
+        match = _STORAGE_NAME.match(self.name)
+        return match.group(1) if match else None
+
+
+def directory_start(path: Path, size: int, source: str) -> int:
+    """The central directory's offset, from the EOCD (and zip64) records within the file's last ``TAIL`` bytes."""
+    with path.open("rb") as handle:
+        start = max(0, size - TAIL)
+        handle.seek(start)
+        tail = handle.read()
+        # torch writes no archive comment, so the EOCD ends the file; search only if it does not
+        at = len(tail) - 22 if tail[-22:-18] == _EOCD else tail.rfind(_EOCD)
+        if at < 0 or len(tail) - at < 22:
+            raise CheckpointCorruptError(f"{source} is not a zip archive (no end of central directory)")
+        (offset,) = struct.unpack_from("<I", tail, at + 16)
+        if offset != 0xFFFFFFFF:
+            return _within(int(offset), size, source)
+        locator = at - 20
+        if locator < 0 or tail[locator : locator + 4] != _ZIP64_LOCATOR:
+            raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
+        (record,) = struct.unpack_from("<Q", tail, locator + 8)
+        handle.seek(record)
+        zip64 = handle.read(56)
+    if zip64[:4] != _ZIP64_EOCD:
+        raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
+    (offset,) = struct.unpack_from("<Q", zip64, 48)
+    return _within(int(offset), size, source)
+
+
+def _within(directory: int, size: int, source: str) -> int:
+    if not 0 <= directory < size:
+        raise CheckpointCorruptError(
+            f"{source} is damaged: its zip directory is said to start at byte {directory} of {size}"
+        )
+    return directory
+
+
+class Archive:
+    """A ``torch.save`` archive (a local path or a seekable stream) whose zip directory is read at most once."""
+
+    def __init__(self, data: Path | IO[bytes], source: str) -> None:
+        self.data = data
+        self.source = source
+        self._infos: list[zipfile.ZipInfo] | None = None
+
+    def infos(self) -> list[zipfile.ZipInfo]:
+        """The directory's members by offset; an unreadable directory is CheckpointCorruptError."""
+        if self._infos is None:
+            with self._handle() as handle:
+                try:
+                    with zipfile.ZipFile(handle) as archive:
+                        self._infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
+                except MemoryError:
+                    raise
+                except Exception as exc:  # zipfile fails on a damaged directory in many ways (NotImplementedError, ...)
+                    raise CheckpointCorruptError(f"{self.source} has an unreadable zip directory ({exc})") from None
+        return self._infos
+
+    def records(self, directory: int) -> list[Record]:
+        """Every record, by offset, each ending where the next begins (the last where the directory does)."""
+        infos = self.infos()
+        ends = [info.header_offset for info in infos[1:]] + [directory]
+        records = [Record(i.filename, i.header_offset, i.file_size, end) for i, end in zip(infos, ends, strict=True)]
+        if any(record.header_offset + record.size > record.end for record in records):
+            raise CheckpointCorruptError(f"{self.source} has a zip directory whose records overlap or lie past its end")
+        return records
+
+    def check_storage_alignment(self) -> None:
+        """The ``.storage_alignment`` record must read as a positive integer.
+
+        torch divides by it when it computes storage offsets (memory-mapped loads with
+        ``calculate_storage_offsets``, and ``map_location="meta"``): a damaged ``0`` would kill the process
+        with SIGFPE instead of raising. The tensor digests do not cover it.
+        """
+        alignment = self._small_record("/.storage_alignment")
+        if alignment is not None and not re.fullmatch(rb"[1-9][0-9]{0,8}", alignment):
+            raise CheckpointCorruptError(
+                f"{self.source} is damaged: its .storage_alignment record reads {alignment[:16]!r}, "
+                "not a positive integer"
+            )
+
+    def refuse_other_byte_order(self, what: str) -> None:
+        """Raise if the archive was written on a machine of the other byte order (its ``byteorder`` record).
+
+        torch swaps such a file's bytes when it loads it, so the values are right, but the digests (of the
+        writer's bytes) cannot be checked, and a reader of the raw bytes would get them unswapped. ``what``
+        says what cannot be done, and the message what can.
+        """
+        order = self._small_record("/byteorder")
+        if order is not None and order != sys.byteorder.encode():
+            raise CheckpointError(
+                f"{self.source} was written on a {order[:16].decode('ascii', 'replace')}-endian machine and this "
+                f"one is {sys.byteorder}-endian: {what}. Load it whole with verify=False (torch swaps its bytes)."
+            )
+
+    def _small_record(self, suffix: str) -> bytes | None:
+        """The first 64 bytes of the member whose name ends with ``suffix``; None if there is none, or if the
+        directory is unreadable (the load that follows reports that). Read past zipfile, whose CRC check would
+        fail: ``encode`` writes no CRCs."""
+        try:
+            infos = self.infos()
+        except CheckpointCorruptError:
+            return None
+        info = next((i for i in infos if i.filename.endswith(suffix)), None)
+        if info is None:
+            return None
+        with self._handle() as handle:
+            handle.seek(info.header_offset)
+            header = handle.read(_LOCAL_HEADER_SIZE)
+            if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
+                raise CheckpointCorruptError(
+                    f"{self.source} is damaged: the zip record {info.filename} has no local header"
+                )
+            name_length, extra_length = struct.unpack_from("<HH", header, 26)
+            handle.seek(info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length)
+            return handle.read(min(info.file_size, 64))
+
+    @contextlib.contextmanager
+    def _handle(self) -> Iterator[IO[bytes]]:
+        """The archive's bytes, at whatever position; a stream is put back where it was."""
+        if isinstance(self.data, Path):
+            with self.data.open("rb") as handle:
+                yield handle
+            return
+        start = self.data.tell()
+        try:
+            yield self.data
+        finally:
+            self.data.seek(start)
+
+
+def header_range(record: Record) -> tuple[int, int]:
+    """Bytes that hold ``record``'s local header in a file written by ``torch.save`` (its usual padding)."""
+    return record.header_offset, min(
+        record.end, record.header_offset + _LOCAL_HEADER_SIZE + len(record.name) + _HEADER_SLACK
+    )
+
+
+def data_offset(path: Path, record: Record, source: str) -> int:
+    """Where ``record``'s data starts, read from the fixed part of its local header (its first 30 bytes)."""
+    with path.open("rb") as handle:
+        handle.seek(record.header_offset)
+        header = handle.read(_LOCAL_HEADER_SIZE)
+    if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
+        raise CheckpointCorruptError(f"{source} is damaged: the zip record {record.name} has no local header")
+    name_length, extra_length = struct.unpack_from("<HH", header, 26)
+    offset: int = record.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
+    if offset + record.size > record.end:
+        raise CheckpointCorruptError(f"{source} is damaged: the zip record {record.name} overlaps the next one")
+    return offset
+
+
+def match_storages(
+    storages: Iterable[torch.UntypedStorage], records: Sequence[Record], source: str
+) -> dict[int, Record]:
+    """The record of every non-empty storage of a memory-mapped load, keyed by ``data_ptr()``.
+
+    Storages and records both lie in key order in the file, so sorting the distinct storages by
+    address and the storage records by offset pairs them; every pair must agree on the size, or the
+    load raises instead of fetching the wrong bytes.
+    """
+    sizes = {storage.data_ptr(): storage.nbytes() for storage in storages if storage.nbytes() > 0}
+    stored = [record for record in records if record.storage_key is not None and record.size > 0]
+    pointers = sorted(sizes)
+    if len(pointers) != len(stored) or any(sizes[ptr] != rec.size for ptr, rec in zip(pointers, stored, strict=False)):
+        raise CheckpointCorruptError(
+            f"{source}: its tensors do not match its zip records ({len(pointers)} storages, {len(stored)} records)"
+        )
+    return dict(zip(pointers, stored, strict=True))
+
+
+def coalesce(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-empty ranges with overlapping or adjacent ones merged."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged

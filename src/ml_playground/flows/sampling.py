@@ -1,0 +1,146 @@
+"""Sampling and evaluation from a checkpoint: the model is built from the checkpoint's own ``model_args``.
+
+Neither needs the config that trained the run, nor any data file: the vocabulary travels in
+``Checkpoint.data_state`` and the bundled corpus is regenerated from it for evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ml_playground.checkpoint import CheckpointManager, ModelWeights, open_store
+from ml_playground.config import SamplingConfig
+from ml_playground.errors import CheckpointNotFoundError, CheckpointSchemaError
+from ml_playground.flows.evaluation import eval_batches
+from ml_playground.flows.evaluation import evaluate as evaluate_batches
+from ml_playground.flows.events import EventSink, Fetching
+from ml_playground.locations import Location
+from ml_playground.workload.data import splits_for_checkpoint, tokenizer_for_checkpoint
+from ml_playground.workload.model import GPT, GPTArgs
+
+__all__ = [
+    "LoadedModel",
+    "evaluate",
+    "generate",
+    "load_checkpoint",
+    "load_model",
+]
+
+Weights = Literal["ema", "raw"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model rebuilt from a checkpoint, with the file it came from and which weights it holds."""
+
+    model: GPT
+    checkpoint: ModelWeights
+    source: str
+    weights: Weights
+
+
+def load_checkpoint(
+    location: Location,
+    *,
+    name: str | None = None,
+    policy: Literal["latest", "best"] = "best",
+    mode: Literal["min", "max"] = "min",
+    on_event: EventSink | None = None,
+) -> tuple[ModelWeights, str]:
+    """Read one checkpoint's weights: ``name`` in ``location``, or the one ``policy`` picks; returns them and the URL.
+
+    ``mode`` says which best checkpoint is best: the lowest metric (``"min"``) or the highest.
+
+    A checkpoint is read without its optimizer state (from a remote store only the model's and EMA's
+    bytes are fetched). A file with another name (a copy such as ``model.pt``) is read and verified, with
+    no name to match. A read from a store without local files is reported to ``on_event`` first.
+    """
+    manager = CheckpointManager(open_store(location), mode=mode)
+    if name is None:
+        try:
+            name = manager.choose(policy).filename
+        except CheckpointNotFoundError as exc:
+            other = "latest" if policy == "best" else "best"
+            raise CheckpointNotFoundError(
+                f"{exc} (sample.runtime.read_policy = {policy!r}); train there first, pass --checkpoint FILE, "
+                f"or use --set sample.runtime.read_policy={other}"
+            ) from None
+    source = f"{manager.store.url}/{name}"
+    if on_event is not None and manager.store.capabilities.local_path is None:
+        sizes = {obj.name: obj.size for obj in manager.store.list()}
+        on_event(Fetching(source, sizes.get(name)))
+    return manager.load_weights(name), source
+
+
+def load_model(checkpoint: ModelWeights, source: str, *, use_ema: bool, device: str = "cpu") -> LoadedModel:
+    """Build the network from ``checkpoint.model_args``; EMA weights when present and ``use_ema``."""
+    args = GPTArgs.from_plain(checkpoint.model_args, source=source)
+    model = GPT(args)
+    weights: Weights = "raw"
+    state = checkpoint.model
+    if use_ema and checkpoint.ema is not None:
+        weights, state = "ema", checkpoint.ema
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointSchemaError(f"{source}: its weights do not fit its model_args ({exc})") from None
+    model.to(torch.device(device))
+    model.eval()
+    return LoadedModel(model, checkpoint, source, weights)
+
+
+def generate(loaded: LoadedModel, settings: SamplingConfig, device: str = "cpu") -> list[str]:
+    """``settings.num_samples`` texts, each ``start`` followed by ``max_new_tokens`` sampled characters."""
+    tokenizer = tokenizer_for_checkpoint(loaded.checkpoint.data_state, source=loaded.source)
+    start = tokenizer.encode(settings.start)
+    if not start:
+        start = [0]
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    idx = torch.tensor([start], dtype=torch.long, device=device)
+    texts = []
+    for _ in range(settings.num_samples):
+        out = loaded.model.generate(
+            idx,
+            settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k or None,
+            generator=generator,
+        )
+        texts.append(tokenizer.decode(out[0].tolist()))
+    return texts
+
+
+def evaluate(loaded: LoadedModel, device: str = "cpu") -> dict[str, float]:
+    """Training and validation loss on the bundled data, on the batches the trainer evaluated."""
+    ckpt = loaded.checkpoint
+    block = loaded.model.args.block_size
+    splits = splits_for_checkpoint(ckpt.data_state, block, source=loaded.source)
+    batch_size, eval_iters, seed = _eval_settings(ckpt.config, loaded.source)
+    return evaluate_batches(
+        loaded.model, eval_batches(splits, block, batch_size, eval_iters, seed), torch.device(device)
+    )
+
+
+def _eval_settings(config: Mapping[str, object], source: str) -> tuple[int, int, int]:
+    """The trainer's evaluation settings (batch size, eval_iters, seed), from the checkpoint's saved config."""
+    values = (
+        _lookup(config, ("train", "data", "batch_size")),
+        _lookup(config, ("train", "runtime", "eval_iters")),
+        _lookup(config, ("train", "runtime", "seed")),
+    )
+    ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    if len(ints) != len(values):
+        raise CheckpointSchemaError(f"{source}: its config lacks the trainer's evaluation settings (got {values!r})")
+    return ints[0], ints[1], ints[2]
+
+
+def _lookup(tree: object, keys: tuple[str, ...]) -> object:
+    for key in keys:
+        if not isinstance(tree, Mapping):
+            return None
+        tree = tree.get(key)
+    return tree

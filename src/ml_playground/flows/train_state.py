@@ -1,0 +1,188 @@
+"""Everything a training run carries between steps, and its exact round trip through a Checkpoint.
+
+A checkpoint holds the model, the optimizer, the EMA shadow weights, the best metric so far, the
+global torch RNG state (dropout), the batch sampler's generator state and the number of batches it
+drew. Restoring all of them is what makes a resumed run bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ml_playground.checkpoint import Checkpoint
+from ml_playground.config import ExperimentConfig, TrainConfig
+from ml_playground.errors import CheckpointSchemaError, ConfigError
+from ml_playground.workload.data import BatchSampler, Splits
+from ml_playground.workload.model import GPT, GPTArgs
+
+__all__ = ["TrainState", "plain_config"]
+
+
+def model_args_for(tc: TrainConfig, splits: Splits) -> GPTArgs:
+    m = tc.model
+    return GPTArgs(splits.tokenizer.size, m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias)
+
+
+def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only, not on biases or norms (as nanoGPT does)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    o = tc.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.learning_rate, betas=(o.beta1, o.beta2))
+
+
+def plain_config(config: ExperimentConfig) -> dict[str, Any]:
+    """The experiment config as plain data for ``Checkpoint.config``, with storage secrets masked.
+
+    The run's context (logger, config file, experiment name) is not part of it: a checkpoint does not
+    depend on the machine it was written on.
+    """
+    data: dict[str, Any] = config.model_dump(mode="json")
+    for section in ("train", "sample"):
+        runtime = data[section]["runtime"]
+        options = getattr(config, section).runtime.storage_options.redacted()
+        runtime["storage_options"] = options
+        if isinstance(runtime.get("out_dir"), dict) and "storage_options" in runtime["out_dir"]:
+            runtime["out_dir"]["storage_options"] = options
+    return data
+
+
+class TrainState:
+    """The model, optimizer, EMA, data sampler, iteration and best metric of a run."""
+
+    def __init__(
+        self,
+        model: GPT,
+        optimizer: torch.optim.AdamW,
+        sampler: BatchSampler,
+        device: torch.device,
+        *,
+        iter_num: int,
+        best: float,
+        ema: dict[str, torch.Tensor] | None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.sampler = sampler
+        self.device = device
+        self.iter_num = iter_num
+        self.start_iter = iter_num
+        self.best = best
+        self.ema = ema
+
+    @classmethod
+    def fresh(cls, tc: TrainConfig, splits: Splits, device: torch.device) -> TrainState:
+        torch.manual_seed(tc.runtime.seed)
+        model = GPT(model_args_for(tc, splits)).to(device)
+        model.train()
+        sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, tc.runtime.seed)
+        ema = _ema_init(model) if tc.runtime.ema_decay > 0 else None
+        best = math.inf if tc.runtime.checkpointing.mode == "min" else -math.inf
+        return cls(model, make_optimizer(model, tc), sampler, device, iter_num=0, best=best, ema=ema)
+
+    @classmethod
+    def restore(
+        cls, tc: TrainConfig, splits: Splits, device: torch.device, ckpt: Checkpoint, *, source: str
+    ) -> TrainState:
+        args = model_args_for(tc, splits)
+        saved = GPTArgs.from_plain(ckpt.model_args, source=source)
+        _require_same(saved.to_plain(), args.to_plain(), "train.model", source)
+        described = splits.describe()
+        stored = {k: ckpt.data_state.get(k) for k in described}
+        _require_same(stored, dict(described), "train.data", source)
+        _require_same(
+            {"ema_decay": _saved_ema_decay(ckpt, source)}, {"ema_decay": tc.runtime.ema_decay}, "train.runtime", source
+        )
+        model = GPT(args).to(device)
+        model.load_state_dict(ckpt.model)
+        model.train()
+        optimizer = make_optimizer(model, tc)
+        optimizer.load_state_dict(dict(ckpt.optimizer))
+        sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, tc.runtime.seed)
+        drawn = ckpt.data_state.get("batches_drawn")
+        if "data" not in ckpt.rng_state or "torch" not in ckpt.rng_state or not isinstance(drawn, int):
+            raise CheckpointSchemaError(f"{source}: the checkpoint lacks the RNG and data state a resume needs")
+        sampler.restore(ckpt.rng_state["data"], drawn)
+        torch.set_rng_state(ckpt.rng_state["torch"])
+        ema = _ema_copy(ckpt.ema) if ckpt.ema is not None else None
+        return cls(model, optimizer, sampler, device, iter_num=ckpt.iter_num, best=ckpt.best_val_loss, ema=ema)
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def step(self, grad_clip: float, ema_decay: float) -> float:
+        """One optimizer step on the next training batch; returns its loss."""
+        x, y = self.sampler.next()
+        _, loss = self.model(x.to(self.device), y.to(self.device))
+        assert loss is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            _ema_update(self.ema, self.model, ema_decay)
+        return float(loss.item())
+
+    def to_checkpoint(self, config: Mapping[str, Any], splits: Splits) -> Checkpoint:
+        rng = {"torch": torch.get_rng_state(), "data": self.sampler.state()}
+        return Checkpoint(
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            model_args=self.model.args.to_plain(),
+            iter_num=self.iter_num,
+            best_val_loss=self.best,
+            config=config,
+            ema=self.ema,
+            rng_state=rng,
+            data_state={**splits.describe(), "batches_drawn": self.sampler.batches_drawn},
+        )
+
+
+def _require_same(saved: Mapping[str, object], wanted: Mapping[str, object], section: str, source: str) -> None:
+    differing = [
+        f"{section}.{k}: checkpoint {saved[k]!r}, config {wanted[k]!r}" for k in wanted if saved[k] != wanted[k]
+    ]
+    if differing:
+        raise ConfigError(
+            f"cannot resume {source}: the run was trained with a different setup ({'; '.join(differing)}). "
+            "Use the run's original settings, or a new train.runtime.out_dir for a new run"
+        )
+
+
+def _saved_ema_decay(ckpt: Checkpoint, source: str) -> float:
+    """The EMA decay the checkpoint's run trained with, from its saved config."""
+    train = ckpt.config.get("train")
+    runtime = train.get("runtime") if isinstance(train, Mapping) else None
+    decay = runtime.get("ema_decay") if isinstance(runtime, Mapping) else None
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+        raise CheckpointSchemaError(f"{source}: its config lacks train.runtime.ema_decay, which a resume must keep")
+    if (decay > 0) != ckpt.has_ema:
+        raise CheckpointSchemaError(
+            f"{source}: its config says train.runtime.ema_decay = {decay}, but it "
+            f"{'holds no' if decay > 0 else 'holds'} EMA weights"
+        )
+    return float(decay)
+
+
+def _ema_init(model: GPT) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ema_copy(saved: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in saved.items()}
+
+
+@torch.no_grad()
+def _ema_update(ema: dict[str, torch.Tensor], model: GPT, decay: float) -> None:
+    for key, value in model.state_dict().items():
+        if value.dtype.is_floating_point:
+            ema[key].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+        else:
+            ema[key].copy_(value)
