@@ -24,9 +24,10 @@ class Checkpoint:
 
     ``model``/``ema`` are module state dicts; ``optimizer`` is an optimizer state dict (tensors and
     plain data); ``rng_state`` holds generator states as tensors and ``data_state`` the data position,
-    which is what a bitwise-identical resume needs. ``best_val_loss`` is the best value so far of the
-    configured metric (for a "best" checkpoint, the value that made it best). ``config`` is plain data
-    with no secrets.
+    which is what a bitwise-identical resume needs (under torchrun, every rank's). ``world_size`` is the
+    number of processes the checkpoint was written by (1 for a single process). ``best_val_loss`` is
+    the best value so far of the configured metric (for a "best" checkpoint, the value that made it
+    best). ``config`` is plain data with no secrets.
     """
 
     model: StateDict
@@ -38,6 +39,7 @@ class Checkpoint:
     ema: StateDict | None = None
     rng_state: StateDict = field(default_factory=dict)
     data_state: Mapping[str, PlainData] = field(default_factory=dict)
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         _check_weights_and_metadata(self)
@@ -64,6 +66,7 @@ class ModelWeights:
     config: Mapping[str, PlainData] = field(default_factory=dict)
     ema: StateDict | None = None
     data_state: Mapping[str, PlainData] = field(default_factory=dict)
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         _check_weights_and_metadata(self)
@@ -79,6 +82,7 @@ class ModelWeights:
             config=checkpoint.config,
             ema=checkpoint.ema,
             data_state=checkpoint.data_state,
+            world_size=checkpoint.world_size,
         )
 
     @property
@@ -93,6 +97,8 @@ def _check_weights_and_metadata(state: Checkpoint | ModelWeights) -> None:
     if isinstance(state.best_val_loss, bool) or not isinstance(state.best_val_loss, (int, float)):
         raise CheckpointSchemaError(f"best_val_loss must be a float, got {state.best_val_loss!r}")
     object.__setattr__(state, "best_val_loss", float(state.best_val_loss))
+    if isinstance(state.world_size, bool) or not isinstance(state.world_size, int) or state.world_size < 1:
+        raise CheckpointSchemaError(f"world_size must be an int >= 1, got {state.world_size!r}")
     _check_state_dict("model", state.model)
     if state.ema is not None:
         _check_state_dict("ema", state.ema)

@@ -103,7 +103,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args)
     with Renderer() as render:
         result = train(config, on_event=render, take_over=args.take_over)
-    if result.nothing_to_do:
+    if result.nothing_to_do or not result.main:  # under torchrun, rank 0 reports
         return 0
     val = result.last_metrics.get("val_loss")
     reached = f"; last val loss {val:.4f}" if val is not None else ""

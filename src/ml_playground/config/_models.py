@@ -17,6 +17,7 @@ from ml_playground.locations import Location, StorageOptions
 __all__ = [
     "CheckpointingConfig",
     "DataConfig",
+    "DistributedConfig",
     "ExperimentConfig",
     "METRICS",
     "KeepConfig",
@@ -98,6 +99,25 @@ class DataConfig(BaseModel):
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
 
 
+class DistributedConfig(BaseModel):
+    """How a run launched by ``torchrun`` trains across processes (docs/distributed.md); without torchrun,
+    ``"ddp"`` is a plain single process."""
+
+    model_config = _STRICT
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``auto``: nccl on CUDA, gloo on the CPU."""
+    timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    """Bounds every collective and every wait for a save's outcome."""
+
+    @model_validator(mode="after")
+    def _sharded_not_yet(self) -> DistributedConfig:
+        if self.strategy == "fsdp":
+            raise ValueError("strategy = 'fsdp' (sharded checkpoints) is not available in this version; use 'ddp'")
+        return self
+
+
 class TrainRuntimeConfig(BaseModel):
     model_config = _STRICT
 
@@ -111,6 +131,16 @@ class TrainRuntimeConfig(BaseModel):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     storage_options: StorageOptions = StorageOptions()
     checkpointing: CheckpointingConfig = CheckpointingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _backend_fits_the_device(self) -> TrainRuntimeConfig:
+        if self.distributed.backend == "nccl" and self.device != "cuda":
+            raise ValueError(
+                f"distributed.backend = 'nccl' needs device = 'cuda' (device is {self.device!r}); "
+                "use backend = 'gloo' or 'auto'"
+            )
+        return self
 
 
 RuntimeConfig = TrainRuntimeConfig

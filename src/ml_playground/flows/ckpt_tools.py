@@ -200,6 +200,7 @@ def summarize(checkpoint: Checkpoint) -> dict[str, object]:
     vocab = data.pop("vocab", None)
     return {
         "iteration": checkpoint.iter_num,
+        "world size": checkpoint.world_size,
         "best metric": checkpoint.best_val_loss,
         "model args": dict(checkpoint.model_args),
         "parameters": params,

@@ -1,14 +1,20 @@
 """Everything a training run carries between steps, and its exact round trip through a Checkpoint.
 
-A checkpoint holds the model, the optimizer, the EMA shadow weights, the best metric so far, the
-global torch RNG state (dropout), the batch sampler's generator state and the number of batches it
-drew. Restoring all of them is what makes a resumed run bitwise identical to an uninterrupted one.
+A checkpoint holds the model, the optimizer, the EMA shadow weights, the best metric so far, every
+rank's global torch RNG state (dropout) and batch sampler generator state, and the number of batches
+drawn. Restoring all of them is what makes a resumed run bitwise identical to an uninterrupted one.
+
+Randomness per rank (DESIGN.md, distributed runs): the model is initialised from ``seed`` on every rank;
+rank 0's dropout and batches then continue from ``seed`` (a single process is rank 0, as before), rank
+r's come from :func:`derived_seed` ``(seed, r)``. Resumed at another world size, ranks the checkpoint
+has continue their generators and new ranks start from ``(seed, r, iteration)``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +25,21 @@ from ml_playground.errors import CheckpointSchemaError, ConfigError
 from ml_playground.workload.data import BatchSampler, Splits
 from ml_playground.workload.model import GPT, GPTArgs
 
-__all__ = ["TrainState", "plain_config"]
+__all__ = ["TrainState", "derived_seed", "plain_config", "rng_keys"]
+
+RankRandomness = dict[str, torch.Tensor]
+"""One rank's generator states: ``{"torch": global RNG (dropout), "data": the batch sampler's}``."""
+
+
+def derived_seed(seed: int, *parts: int) -> int:
+    """A seed for ``(seed, *parts)`` (a rank, an iteration): deterministic, independent of each other."""
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
+def rng_keys(rank: int) -> tuple[str, str]:
+    """Where rank ``rank``'s states live in ``Checkpoint.rng_state`` (rank 0's keys are a single process's)."""
+    return ("torch", "data") if rank == 0 else (f"torch.{rank}", f"data.{rank}")
 
 
 def model_args_for(tc: TrainConfig, splits: Splits) -> GPTArgs:
@@ -68,6 +88,7 @@ class TrainState:
         ema: dict[str, torch.Tensor] | None,
     ) -> None:
         self.model = model
+        self.trainable: torch.nn.Module = model  # what a step runs: the model, or its DDP wrapper
         self.optimizer = optimizer
         self.sampler = sampler
         self.device = device
@@ -77,18 +98,22 @@ class TrainState:
         self.ema = ema
 
     @classmethod
-    def fresh(cls, tc: TrainConfig, splits: Splits, device: torch.device) -> TrainState:
-        torch.manual_seed(tc.runtime.seed)
+    def fresh(cls, tc: TrainConfig, splits: Splits, device: torch.device, rank: int = 0) -> TrainState:
+        seed = tc.runtime.seed
+        torch.manual_seed(seed)  # the same initial model on every rank
         model = GPT(model_args_for(tc, splits)).to(device)
         model.train()
-        sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, tc.runtime.seed)
+        own = seed if rank == 0 else derived_seed(seed, rank)
+        if rank:
+            torch.manual_seed(own)
+        sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, own)
         ema = _ema_init(model) if tc.runtime.ema_decay > 0 else None
         best = math.inf if tc.runtime.checkpointing.mode == "min" else -math.inf
         return cls(model, make_optimizer(model, tc), sampler, device, iter_num=0, best=best, ema=ema)
 
     @classmethod
     def restore(
-        cls, tc: TrainConfig, splits: Splits, device: torch.device, ckpt: Checkpoint, *, source: str
+        cls, tc: TrainConfig, splits: Splits, device: torch.device, ckpt: Checkpoint, *, source: str, rank: int = 0
     ) -> TrainState:
         args = model_args_for(tc, splits)
         saved = GPTArgs.from_plain(ckpt.model_args, source=source)
@@ -106,12 +131,29 @@ class TrainState:
         optimizer.load_state_dict(dict(ckpt.optimizer))
         sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, tc.runtime.seed)
         drawn = ckpt.data_state.get("batches_drawn")
-        if "data" not in ckpt.rng_state or "torch" not in ckpt.rng_state or not isinstance(drawn, int):
-            raise CheckpointSchemaError(f"{source}: the checkpoint lacks the RNG and data state a resume needs")
-        sampler.restore(ckpt.rng_state["data"], drawn)
-        torch.set_rng_state(ckpt.rng_state["torch"])
+        torch_key, data_key = rng_keys(rank)
+        if rank < ckpt.world_size:  # this rank continues its own generators
+            if torch_key not in ckpt.rng_state or data_key not in ckpt.rng_state or not isinstance(drawn, int):
+                raise CheckpointSchemaError(
+                    f"{source}: the checkpoint lacks the RNG and data state of rank {rank}, which a resume needs"
+                )
+            sampler.restore(ckpt.rng_state[data_key], drawn)
+            torch.set_rng_state(ckpt.rng_state[torch_key])
+        else:  # a rank the checkpoint's run did not have
+            if not isinstance(drawn, int):
+                raise CheckpointSchemaError(f"{source}: the checkpoint lacks data_state.batches_drawn")
+            own = derived_seed(tc.runtime.seed, rank, ckpt.iter_num)
+            sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, own)
+            sampler.batches_drawn = drawn
+            torch.manual_seed(own)
         ema = _ema_copy(ckpt.ema) if ckpt.ema is not None else None
         return cls(model, optimizer, sampler, device, iter_num=ckpt.iter_num, best=ckpt.best_val_loss, ema=ema)
+
+    def distribute(self) -> None:
+        """Train through DistributedDataParallel (gradients averaged over the ranks; the process group is up).
+
+        The checkpoint keeps the unwrapped module's state dict: no ``module.`` prefix."""
+        self.trainable = torch.nn.parallel.DistributedDataParallel(self.model)
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -119,7 +161,7 @@ class TrainState:
     def step(self, grad_clip: float, ema_decay: float) -> float:
         """One optimizer step on the next training batch; returns its loss."""
         x, y = self.sampler.next()
-        _, loss = self.model(x.to(self.device), y.to(self.device))
+        _, loss = self.trainable(x.to(self.device), y.to(self.device))
         assert loss is not None
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,8 +172,19 @@ class TrainState:
             _ema_update(self.ema, self.model, ema_decay)
         return float(loss.item())
 
-    def to_checkpoint(self, config: Mapping[str, Any], splits: Splits) -> Checkpoint:
-        rng = {"torch": torch.get_rng_state(), "data": self.sampler.state()}
+    def randomness(self) -> RankRandomness:
+        """This rank's generator states, as they are now."""
+        return {"torch": torch.get_rng_state(), "data": self.sampler.state()}
+
+    def to_checkpoint(
+        self, config: Mapping[str, Any], splits: Splits, ranks: Sequence[RankRandomness] | None = None
+    ) -> Checkpoint:
+        """The state as a checkpoint; ``ranks`` is every rank's randomness (in rank order), else this process's."""
+        every = list(ranks) if ranks is not None else [self.randomness()]
+        rng: dict[str, torch.Tensor] = {}
+        for rank, states in enumerate(every):
+            torch_key, data_key = rng_keys(rank)
+            rng[torch_key], rng[data_key] = states["torch"], states["data"]
         return Checkpoint(
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
@@ -142,6 +195,7 @@ class TrainState:
             ema=self.ema,
             rng_state=rng,
             data_state={**splits.describe(), "batches_drawn": self.sampler.batches_drawn},
+            world_size=len(every),
         )
 
 

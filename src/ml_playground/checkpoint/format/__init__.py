@@ -1,10 +1,10 @@
 """The checkpoint file format: a ``torch.save`` archive of tensors and plain data, with its own digests.
 
 A file is a plain ``torch.save`` archive, so ``torch.load(weights_only=True)`` reads it without this
-package. Its top level (format version 2) is::
+package. Its top level (format version 3) is::
 
-    {"format": "ml_playground.checkpoint", "format_version": 2,
-     "meta": {iter_num, best_val_loss, model_args, config, data_state},
+    {"format": "ml_playground.checkpoint", "format_version": 3,
+     "meta": {iter_num, best_val_loss, model_args, config, data_state, world_size},
      "model": {...}, "ema": {...} | None, "rng_state": {...}, "optimizer": {...},
      "integrity": {"algorithm": "xxh3_64", "structure": HEX, "tensors": uint8 tensor (N, 8)}}
 

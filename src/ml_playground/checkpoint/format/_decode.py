@@ -34,7 +34,7 @@ Payload = dict[str, Any]
 Source = IO[bytes] | Path
 """What ``decode``/``verify`` read: an open binary stream, or the path of a local file."""
 
-_META_FIELDS = ("iter_num", "best_val_loss", "model_args", "config", "data_state")
+_META_FIELDS = ("iter_num", "best_val_loss", "model_args", "config", "data_state", "world_size")
 
 
 def decode(

@@ -42,6 +42,7 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes], *, destination: str = "the
             "model_args": dict(checkpoint.model_args),
             "config": dict(checkpoint.config),
             "data_state": dict(checkpoint.data_state),
+            "world_size": checkpoint.world_size,
         },
         "model": dict(checkpoint.model),
         "ema": None if checkpoint.ema is None else dict(checkpoint.ema),
