@@ -96,8 +96,8 @@ def main(argv: list[str]) -> int:
         sys.exit(f"user stage: ml_playground was imported from {imported_from}, not from {venv}: {found.stderr}")
     if dev_only:
         sys.exit(f"user stage: dev-only packages are installed where the journeys run: {dev_only}")
-    print(f"user stage: ml_playground imports from {Path(imported_from).parent}")
-    print(f"user stage: none of {', '.join(DEV_ONLY)} is installed there")
+    print(f"user stage: ml_playground imports from {Path(imported_from).parent}", flush=True)
+    print(f"user stage: none of {', '.join(DEV_ONLY)} is installed there", flush=True)
 
     journeys = sorted(
         str(path.relative_to(ROOT))
