@@ -118,7 +118,9 @@ def test_a_metric_whose_name_would_pass_255_bytes_is_a_clear_error(run_dir: Path
     with pytest.raises(CheckpointNameError, match="longer than 255 bytes"):
         manager.save_best(make_checkpoint(1, best_val_loss=1e250))
     assert list(run_dir.iterdir()) == []
-    assert manager.save_best(make_checkpoint(1, best_val_loss=1e200)) is not None  # 200 digits still fit
+    saved = manager.save_best(make_checkpoint(1, best_val_loss=1e200))  # 200 digits still fit
+    assert saved is not None
+    assert len(saved.filename.encode()) == 229  # as docs/reliability.md says
 
 
 # ---------------------------------------------------------------- content
