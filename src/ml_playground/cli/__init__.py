@@ -1,7 +1,8 @@
 """The ``ml-playground`` command: train, sample, eval and checkpoint tools.
 
 Exit codes: 0 success; 1 a checkpoint, storage or data failure; 2 a usage or configuration error;
-130 interrupted (Ctrl-C). No traceback is printed for any of these.
+130 interrupted (Ctrl-C); 143 stopped by SIGTERM (after saving where it stopped, by default). No
+traceback is printed for any of these.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from ml_playground.cli.render import Renderer
 from ml_playground.config import ExperimentConfig
 from ml_playground.errors import ConfigError, MLPlaygroundError
 from ml_playground.flows import sampling
+from ml_playground.flows.preemption import Preempted
 from ml_playground.flows.training import train
 from ml_playground.workload.model import runtime_device
 
-__all__ = ["build_parser", "main"]
+__all__ = ["PREEMPTED", "build_parser", "main"]
+
+PREEMPTED = 143
+"""The exit code of a run a SIGTERM stopped (128 + 15, what a shell reports for a process SIGTERM killed)."""
 
 _TRAIN_EXAMPLES = """examples:
   ml-playground train                                   # bundled tiny_chars into ./out/tiny_chars
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small GPT on bundled data with crash-safe checkpoints on disk, S3 or GCS; "
         "sample from it; inspect and copy checkpoints.",
         epilog="exit codes: 0 ok, 1 checkpoint/storage/data failure, 2 usage or configuration error, "
-        "130 interrupted. Run 'ml-playground COMMAND --help' for examples.",
+        "130 interrupted, 143 stopped by SIGTERM. Run 'ml-playground COMMAND --help' for examples.",
         formatter_class=Formatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -103,6 +108,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args)
     with Renderer() as render:
         result = train(config, on_event=render, take_over=args.take_over)
+    if result.stopped_at is not None:  # SIGTERM: every rank exits 143, rank 0 said where it stopped
+        return PREEMPTED
     if result.nothing_to_do or not result.main:  # under torchrun, rank 0 reports
         return 0
     val = result.last_metrics.get("val_loss")
@@ -167,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the stores clean up their in-flight writes on the way out; earlier checkpoints are intact
         print("interrupted; every checkpoint written so far is intact", file=sys.stderr)
         return 130
+    except Preempted as exc:
+        print(f"{exc}; every checkpoint written so far is intact", file=sys.stderr)
+        return PREEMPTED
     except ConfigError as exc:
         return fail(exc, 2)
     except MLPlaygroundError as exc:

@@ -61,6 +61,8 @@ class CheckpointingConfig(BaseModel):
     mode: Literal["min", "max"] = "min"
     keep: KeepConfig = KeepConfig()
     async_save: bool = False
+    save_on_sigterm: bool = True
+    """On SIGTERM, stop at the next iteration boundary and save ``last`` there (docs/cli.md, exit 143)."""
 
 
 class ModelConfig(BaseModel):
@@ -110,6 +112,9 @@ class DistributedConfig(BaseModel):
     """``auto``: nccl on CUDA, gloo on the CPU."""
     timeout_s: Annotated[float, Field(gt=0)] = 1800.0
     """Bounds every collective and every wait for a save's outcome."""
+    preempt_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """How long the ranks wait to agree on where a SIGTERM stops the run (keep it under torchrun's shutdown
+    timeout); a rank gone meanwhile: no save, exit 143."""
 
     @model_validator(mode="after")
     def _sharded_not_yet(self) -> DistributedConfig:

@@ -2,22 +2,38 @@
 
 At each iteration that may evaluate or save, rank 0's plan is every rank's; the metric is rank 0's
 value; a save is rank 0's, with every rank's generator states, and its outcome reaches every rank.
+
+A SIGTERM (:mod:`.preemption`) stops the run at an iteration boundary ``s`` every rank agrees on (a vote
+started before each step, answered at the next boundary): ``s``'s evaluation and best save run if due, a
+``last`` save at ``s`` is forced (unless one was just written there, or ``keep.last`` is 0), and the loop
+ends. A SIGTERM at the final boundary (``max_iters``) or later lets the run complete.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ml_playground.checkpoint import CheckpointKind, CheckpointSaver, improves
 from ml_playground.config import ExperimentConfig, TrainConfig
-from ml_playground.flows.distributed import Ranks
+from ml_playground.errors import DistributedError
+from ml_playground.flows.distributed import Ranks, collective_failure
 from ml_playground.flows.evaluation import eval_batches, evaluate
 from ml_playground.flows.events import EventSink, Note, Stepped
+from ml_playground.flows.preemption import Preempted, Preemption
 from ml_playground.flows.train_state import TrainState, plain_config
 from ml_playground.workload.data import Splits
 
-__all__ = ["TrainingLoop"]
+__all__ = ["Stop", "TrainingLoop"]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """How the loop ended: the last metrics, and the iteration a SIGTERM stopped it at (None: it completed)."""
+
+    metrics: dict[str, float]
+    stopped_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -38,8 +54,11 @@ class TrainingLoop:
         url: str,
         ranks: Ranks,
         emit: EventSink,
+        preemption: Preemption,
     ) -> None:
         self.tc: TrainConfig = config.train
+        self.preemption = preemption
+        self.last_saved_at: int | None = None
         self.splits = splits
         self.state = state
         self.saver = saver  # rank 0's; None on the other ranks
@@ -52,25 +71,63 @@ class TrainingLoop:
         # fixed evaluation batches: every evaluation measures the same text, so metrics compare across iterations
         self.eval_batches = eval_batches(splits, model.block_size, data.batch_size, rt.eval_iters, rt.seed)
 
-    def run(self, *, skip_first: bool) -> dict[str, float]:
+    def run(self, *, resumed: bool, resumed_last: bool) -> Stop:
+        """Iterate from the state's iteration to ``max_iters``. ``resumed``: the first iteration's evaluation and
+        saves happened before the checkpoint it resumed from (never repeated); ``resumed_last``: that checkpoint
+        is a last one."""
+        try:
+            return self._run(resumed, resumed_last)
+        except Exception as exc:
+            gone = isinstance(exc, DistributedError) or (self.ranks.distributed and collective_failure(exc))
+            if not gone:
+                raise
+            if self.preemption.requested:  # the SIGTERM came with (or after) a rank's end: no save
+                raise Preempted(f"stopped by SIGTERM; another rank is gone, so nothing was saved ({exc})") from None
+            if isinstance(exc, DistributedError):
+                raise
+            raise DistributedError(f"a training step failed: another rank is gone or stuck ({exc})") from None
+
+    def _run(self, resumed: bool, resumed_last: bool) -> Stop:
         rt = self.tc.runtime
         ck = rt.checkpointing
         metrics: dict[str, float] = {}
+        start = self.state.start_iter
+        if resumed_last:
+            self.last_saved_at = start
+        vote = self.ranks.vote(lambda: self.preemption.requested)
         for i in range(self.state.iter_num, rt.max_iters + 1):
             self.state.iter_num = i
+            stop = self._agreed(vote) and i < rt.max_iters  # the final boundary completes the run anyway
             evaluate, save_last = i % rt.eval_interval == 0, i % ck.interval == 0 or i == 0 or i == rt.max_iters
-            if (evaluate or save_last) and not (skip_first and i == self.state.start_iter):
+            if (evaluate or save_last) and not (resumed and i == start):
                 plan = self.ranks.decide(self.ranks.observed(_Plan(evaluate, save_last)))
                 if plan.evaluate:
                     metrics = self._evaluate_and_save_best(i)
                 if plan.save_last:
                     self._save(CheckpointKind.LAST)
+            if stop:
+                self._save_at_stop(i)
+                return Stop(metrics, i)
             if i < rt.max_iters:
+                vote = self.ranks.vote(lambda: self.preemption.requested)  # runs during the step
                 loss = self.state.step(self.tc.optim.grad_clip, rt.ema_decay)
                 self.emit(Stepped(i + 1, loss))
                 if (i + 1) % rt.log_interval == 0 or i + 1 == rt.max_iters:
                     self.emit(Note(f"iter {i + 1}/{rt.max_iters}: train batch loss {loss:.4f}"))
-        return metrics
+        return Stop(metrics)
+
+    def _agreed(self, vote: Callable[[float], bool]) -> bool:
+        """Whether any rank got a SIGTERM by the previous boundary; every rank gets the same answer."""
+        return vote(self.tc.runtime.distributed.preempt_timeout_s)
+
+    def _save_at_stop(self, i: int) -> None:
+        keep_last = self.tc.runtime.checkpointing.keep.last
+        if keep_last == 0:
+            self.emit(Note(f"stopped at iteration {i} on SIGTERM; keep.last = 0, so no checkpoint was saved there"))
+        elif self.last_saved_at != i:
+            self._save(CheckpointKind.LAST)
+        if keep_last:
+            self.emit(Note(f"stopped at iteration {i} on SIGTERM; resume by running the same command again"))
 
     def _evaluate_and_save_best(self, i: int) -> dict[str, float]:
         ck = self.tc.runtime.checkpointing
@@ -100,5 +157,7 @@ class TrainingLoop:
             return None if saved is None else saved.filename
 
         filename = self.ranks.on_main(save)
+        if kind is CheckpointKind.LAST:
+            self.last_saved_at = self.state.iter_num
         if filename is not None:
             self.emit(Note(f"{self.saved} {self.url}/{filename}"))

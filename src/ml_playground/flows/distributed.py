@@ -17,10 +17,11 @@ A test seam (``ML_PLAYGROUND_TEST_SKEW_RANK``) makes one rank see different loca
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -30,9 +31,9 @@ import torch.distributed as dist
 
 from ml_playground import errors
 from ml_playground.config import DistributedConfig
-from ml_playground.errors import CheckpointError, ConfigError, MLPlaygroundError
+from ml_playground.errors import CheckpointError, ConfigError, DistributedError, MLPlaygroundError
 
-__all__ = ["SKEW_RANK_VARIABLE", "Ranks"]
+__all__ = ["SKEW_RANK_VARIABLE", "Ranks", "collective_failure"]
 
 _T = TypeVar("_T")
 SKEW_RANK_VARIABLE = "ML_PLAYGROUND_TEST_SKEW_RANK"
@@ -94,7 +95,8 @@ class Ranks:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if dist.is_initialized():
             if together:
-                dist.barrier()
+                with _collective("finish together"):
+                    dist.barrier()
             dist.destroy_process_group()
 
     # ------------------------------------------------------------ agreement
@@ -114,7 +116,8 @@ class Ranks:
         if not self._grouped:
             return value
         box: list[Any] = [value]
-        dist.broadcast_object_list(box, src=0)
+        with _collective("agree on rank 0's decision"):
+            dist.broadcast_object_list(box, src=0)
         decided: _T = box[0]
         return decided
 
@@ -150,7 +153,8 @@ class Ranks:
         except Exception as exc:
             own = exc
         failures: list[Any] = [None] * self.world_size
-        dist.all_gather_object(failures, None if own is None else (type(own).__name__, str(own)))
+        with _collective("share their outcomes"):
+            dist.all_gather_object(failures, None if own is None else (type(own).__name__, str(own)))
         if own is not None:
             raise own
         for rank, failure in enumerate(failures):
@@ -159,13 +163,53 @@ class Ranks:
                 raise type(error)(f"rank {rank} failed: {error}")
         return result  # type: ignore[return-value]
 
+    def vote(self, flag: Callable[[], bool]) -> Callable[[float], bool]:
+        """Start agreeing whether any rank raises ``flag()`` now (an all-reduce that runs while the caller goes
+        on); the returned call waits at most its argument in seconds and gives the answer, the same on every
+        rank. A single process just asks ``flag()`` when answering."""
+        if not self._grouped:
+            return lambda timeout: flag()
+        tensor = torch.tensor([int(flag())], dtype=torch.int32, device=self.device)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+
+        def result(timeout: float) -> bool:
+            with _collective("vote"):
+                work.wait(timeout=timedelta(seconds=timeout))
+            return bool(tensor.item())
+
+        return result
+
     def gather(self, value: _T) -> list[_T] | None:
         """Every rank's ``value`` on rank 0 (in rank order); None on the others."""
         if not self._grouped:
             return [value]
         gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
-        dist.gather_object(value, gathered, dst=0)
+        with _collective("gather their states on rank 0"):
+            dist.gather_object(value, gathered, dst=0)
         return gathered
+
+
+_COLLECTIVE_FAILURES = ("gloo", "NCCL", "nccl", "Connection closed by peer", "Timed out", "timed out")
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch.distributed's report of a failed collective (a peer gone, a timeout)."""
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _COLLECTIVE_FAILURES)
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """A failed collective as a DistributedError saying what the ranks were doing."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not collective_failure(exc):
+            raise
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise DistributedError(
+            f"the ranks could not {what}: another rank is gone or stuck ({reason}); "
+            "train.runtime.distributed.timeout_s bounds how long a rank waits"
+        ) from None
 
 
 def _launch() -> tuple[int, int, int] | None:

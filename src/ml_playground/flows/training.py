@@ -33,6 +33,7 @@ from ml_playground.errors import CheckpointNotFoundError, StorageUnavailableErro
 from ml_playground.flows._loop import TrainingLoop
 from ml_playground.flows.distributed import Ranks
 from ml_playground.flows.events import Event, EventSink, Note, Started, log_events
+from ml_playground.flows.preemption import Preemption
 from ml_playground.flows.train_state import TrainState
 from ml_playground.workload.data import Splits, load_splits
 from ml_playground.workload.model import runtime_device
@@ -44,7 +45,8 @@ __all__ = ["TrainResult", "train"]
 class TrainResult:
     """What a ``train`` call did: where, up to which iteration, and which checkpoints the location holds.
 
-    ``main`` is False on the ranks other than 0 of a torchrun launch (they report nothing).
+    ``main`` is False on the ranks other than 0 of a torchrun launch (they report nothing). ``stopped_at``
+    is set when a SIGTERM stopped the run before ``max_iters`` (docs/cli.md, preemption).
     """
 
     location: str
@@ -55,6 +57,8 @@ class TrainResult:
     best_metric: float
     checkpoints: list[str]
     main: bool = True
+    stopped_at: int | None = None
+    """The iteration a SIGTERM stopped the run at (the CLI then exits 143); None when it completed."""
 
 
 def train(config: ExperimentConfig, *, on_event: EventSink | None = None, take_over: bool = False) -> TrainResult:
@@ -204,10 +208,14 @@ def _train(
         Note(f"{what} in {url} ({state.param_count():,} parameters, vocabulary of {splits.tokenizer.size}{processes})")
     )
     saver = ranks.on_main(lambda: open_saver(manager, async_save=ck.async_save))
-    loop = TrainingLoop(config, splits, state, saver, url, ranks, emit)
     emit(Started(rt.max_iters, start))
     try:
-        metrics = loop.run(skip_first=resumed is not None)
+        with Preemption(save_first=ck.save_on_sigterm) as preemption:
+            loop = TrainingLoop(config, splits, state, saver, url, ranks, emit, preemption)
+            resumed_last = name is not None and name.startswith("ckpt_last_")
+            stop = loop.run(resumed=resumed is not None, resumed_last=resumed_last)
+            # an asynchronous save still in flight commits (or raises, on every rank) before we report
+            ranks.on_main(lambda: saver.close() if saver is not None else None)
     except BaseException as exc:
         if saver is not None:
             try:
@@ -215,10 +223,9 @@ def _train(
             except BaseException as background:  # the training error wins; the background one is attached
                 exc.add_note(f"and the background checkpoint save failed too: {background!r}")
         raise
-    # an asynchronous save still in flight commits (or raises, on every rank) before we report
-    ranks.on_main(lambda: saver.close() if saver is not None else None)
     names = _names(manager) if ranks.is_main else []
-    return TrainResult(url, start, rt.max_iters, False, metrics, state.best, names, ranks.is_main)
+    end = stop.stopped_at if stop.stopped_at is not None else rt.max_iters
+    return TrainResult(url, start, end, False, stop.metrics, state.best, names, ranks.is_main, stop.stopped_at)
 
 
 def _names(manager: CheckpointManager) -> list[str]:

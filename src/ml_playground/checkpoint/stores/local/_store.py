@@ -192,6 +192,8 @@ class LocalStore:
                 cause = kept.failure  # a write's own error, not what its caller made of it
             if raw is not None:
                 raw.release(quiet=True)
+            if kept is not None:
+                kept.close()
             if stream is not None:  # discard the buffer now, not as a failing flush at garbage collection
                 with contextlib.suppress(Exception):
                     stream.close()
