@@ -117,14 +117,15 @@ def test_a_real_sigterm_at_a_random_moment_behaves_the_same(tmp_path: Path, refe
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(random.Random(15).uniform(3.0, 5.0))
+    time.sleep(random.Random(15).uniform(2.0, 4.0))
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 143, out + err
     stop = int(re.search(r"stopped at iteration (\d+) on SIGTERM", out).group(1))  # type: ignore[union-attr]
     assert f"ckpt_last_{stop:08d}.pt" in ckpt_names(tmp_path / "run")
-    resumed = run_cli(_args(False, *sets(max_iters=2000)), tmp_path, timeout=300)
+    resumed = run_cli(_args(False, *sets(max_iters=stop + 4)), tmp_path, timeout=300)
     assert f"resuming from iteration {stop} " in resumed.stdout
+    assert resumed.returncode == 0
 
 
 def test_a_second_sigterm_aborts_the_save_cleanly(tmp_path: Path) -> None:
