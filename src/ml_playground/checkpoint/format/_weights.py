@@ -28,7 +28,7 @@ import ctypes
 import io
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -116,7 +116,9 @@ def read_weights(
         # pages would count next to the copy), and those copies are what is verified and returned.
         copies: dict[int, torch.UntypedStorage] = {}
         weights = {
-            section: with_storages(payload[section], lambda s: _read_storage(handle, offsets, s, source), copies)
+            section: with_storages(
+                payload[section], lambda s: _read_storage(cast(io.FileIO, handle), offsets, s, source), copies
+            )
             for section in _VERIFIED
         }
     payload = {**payload, **weights}
@@ -146,7 +148,7 @@ def _checked_offsets(payload: Mapping[str, Any], records: list[Record], path: Pa
 
 
 def _read_storage(
-    handle: io.FileIO, offsets: Mapping[int, int], mapped: torch.UntypedStorage, source: str
+    handle: IO[bytes], offsets: Mapping[int, int], mapped: torch.UntypedStorage, source: str
 ) -> torch.UntypedStorage:
     """A new CPU storage holding the bytes of the memory-mapped storage ``mapped``, read from the file."""
     buffer = torch.empty(mapped.nbytes(), dtype=torch.uint8)

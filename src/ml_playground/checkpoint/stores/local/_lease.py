@@ -84,12 +84,11 @@ class WriterLease(Lease):
         self._stop.set()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)
-        with self._guard():
-            with contextlib.suppress(MalformedLeaseError):  # not ours: left to whoever wrote it
-                current = self._read()
-                if current is not None and current.token == self.holder.token:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._path)
+        with self._guard(), contextlib.suppress(MalformedLeaseError):  # not ours: left to whoever wrote it
+            current = self._read()
+            if current is not None and current.token == self.holder.token:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path)
 
     # ------------------------------------------------------------ acquiring
 
@@ -161,7 +160,7 @@ class WriterLease(Lease):
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EINVAL):
                 raise MalformedLeaseError(
-                    str(self._path), "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+                    str(self._path), "a symbolic link" if exc.errno == errno.ELOOP else str(exc.strerror)
                 ) from None
             raise StorageError(f"cannot read the writer lease {self._path}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "rb") as handle:
