@@ -148,7 +148,7 @@ def _checked_offsets(payload: Mapping[str, Any], records: list[Record], path: Pa
 
 
 def _read_storage(
-    handle: IO[bytes], offsets: Mapping[int, int], mapped: torch.UntypedStorage, source: str
+    handle: io.FileIO, offsets: Mapping[int, int], mapped: torch.UntypedStorage, source: str
 ) -> torch.UntypedStorage:
     """A new CPU storage holding the bytes of the memory-mapped storage ``mapped``, read from the file."""
     buffer = torch.empty(mapped.nbytes(), dtype=torch.uint8)
