@@ -29,9 +29,11 @@ from ml_playground.checkpoint import (
     open_store,
 )
 from ml_playground.config import ExperimentConfig, TrainConfig
+from ml_playground.errors import ConfigError
+from ml_playground.flows import limits
 from ml_playground.flows.evaluation import eval_batches, evaluate
 from ml_playground.flows.events import EventSink, Note, Started, Stepped, log_events
-from ml_playground.flows.train_state import TrainState, plain_config
+from ml_playground.flows.train_state import TrainState, model_args_for, plain_config
 from ml_playground.workload.data import Splits, load_splits
 from ml_playground.workload.model import runtime_device
 
@@ -65,6 +67,7 @@ def train(config: ExperimentConfig, *, on_event: EventSink | None = None, take_o
     ck = rt.checkpointing
     device = runtime_device("train.runtime.device", rt.device)
     splits = load_splits(tc.data.corpus_chars, tc.data.val_fraction, tc.model.block_size)
+    _require_training_memory(tc, splits)
     store = open_store(rt.out_dir, create=True)
     manager = CheckpointManager(store, KeepPolicy(last=ck.keep.last, best=ck.keep.best), mode=ck.mode)
     lease = manager.acquire_writer(force=take_over) if manager.supports_writer_lease else None
@@ -121,6 +124,19 @@ def _train(
     return TrainResult(store.url, start, rt.max_iters, False, metrics, state.best, _names(manager))
 
 
+def _require_training_memory(tc: TrainConfig, splits: Splits) -> None:
+    """A model or batch this machine cannot hold is a ConfigError naming the setting, before it is built."""
+    m = tc.model
+    params, activations = limits.training_bytes(
+        model_args_for(tc, splits), tc.data.batch_size, ema=tc.runtime.ema_decay > 0
+    )
+    if params >= activations:
+        what = f"train.model.n_embd = {m.n_embd} (with train.model.n_layer = {m.n_layer}): training that model"
+    else:
+        what = f"train.data.batch_size = {tc.data.batch_size} (with train.model.block_size = {m.block_size}): a batch"
+    limits.require_memory(params + activations, what, ConfigError)
+
+
 def _names(manager: CheckpointManager) -> list[str]:
     return sorted(info.filename for info in manager.checkpoints())
 
@@ -143,6 +159,7 @@ class _Loop:
         self.url = url
         self.saved = "saving (in the background)" if self.tc.runtime.checkpointing.async_save else "saved"
         self.emit = emit
+        self.diverged = False  # a non-finite loss is reported once
         self.plain_config = plain_config(config)
         rt, data, model = self.tc.runtime, self.tc.data, self.tc.model
         # fixed evaluation batches: every evaluation measures the same text, so metrics compare across iterations
@@ -161,6 +178,15 @@ class _Loop:
             if i < rt.max_iters:
                 loss = self.state.step(self.tc.optim.grad_clip, self.tc.runtime.ema_decay)
                 self.emit(Stepped(i + 1, loss))
+                if not math.isfinite(loss) and not self.diverged:
+                    self.diverged = True
+                    self.emit(
+                        Note(
+                            f"warning: the training loss is {loss} at iteration {i + 1}: the run has diverged"
+                            "; its later checkpoints hold unusable weights. Lower train.optim.learning_rate "
+                            "and train again from an earlier checkpoint or a new out_dir"
+                        )
+                    )
                 if (i + 1) % rt.log_interval == 0 or i + 1 == rt.max_iters:
                     self.emit(Note(f"iter {i + 1}/{rt.max_iters}: train batch loss {loss:.4f}"))
         return metrics
