@@ -151,7 +151,9 @@ def walk(tree: object, root_name: str = "", limits: Limits = DEFAULT_LIMITS) -> 
         children = _items(value)
         if children is not None:
             if len(stack) >= limits.max_depth:
-                raise limits.exceeded(f"{node.path} nests containers more than {limits.max_depth} deep")
+                path = node.path
+                where = path if len(path) <= 80 else f"{path[:80]}..."
+                raise limits.exceeded(f"{where} nests containers more than {limits.max_depth} deep")
             stack.append((node, children))
 
 
