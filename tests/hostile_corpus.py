@@ -76,14 +76,14 @@ def _saved_config(payload: Payload, section: str, key: str, value: object) -> by
     return _valid(_meta(payload, config={**config, "train": train}))
 
 
-def _shared_tuples(levels: int) -> object:
+def shared_tuples(levels: int) -> object:
     value: object = ()
     for _ in range(levels):
         value = (value, value, value)
     return value
 
 
-def _deep_list(depth: int) -> object:
+def deep_list(depth: int) -> object:
     value: object = []
     for _ in range(depth):
         value = [value]
@@ -131,13 +131,13 @@ Builder = Callable[[Payload, bytes], bytes]
 BUILDERS: dict[str, Builder] = {
     "control (a valid checkpoint)": lambda p, b: b,
     "1. shared tuples 3^16": lambda p, b: _unverifiable(
-        _meta(p, config={**p["meta"]["config"], "x": _shared_tuples(16)})
+        _meta(p, config={**p["meta"]["config"], "x": shared_tuples(16)})
     ),
     "1. shared tuples 3^40": lambda p, b: _unverifiable(
-        _meta(p, config={**p["meta"]["config"], "x": _shared_tuples(40)})
+        _meta(p, config={**p["meta"]["config"], "x": shared_tuples(40)})
     ),
     "1. list nested 5,000 deep": lambda p, b: _unverifiable(
-        _meta(p, config={**p["meta"]["config"], "x": _deep_list(5000)})
+        _meta(p, config={**p["meta"]["config"], "x": deep_list(5000)})
     ),
     "2. n_embd = 16384": lambda p, b: _model_args(p, n_embd=16384),
     "2. n_embd = 1e6": lambda p, b: _model_args(p, n_embd=1_000_000),

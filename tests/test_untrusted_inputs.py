@@ -160,3 +160,20 @@ def test_a_model_or_batch_too_large_for_this_machine_is_a_settings_error(
     assert key in flat
     assert "bytes" in flat
     assert list(tmp_path.glob("ckpt_*")) == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("hostile", ["3^16", "5000-deep"])
+def test_a_tree_beyond_the_budget_or_depth_is_refused_in_bounded_time(tmp_path: Path, hostile: str) -> None:
+    from tests.faults.test_hostile_files import _body
+    from tests.hostile_corpus import deep_list, shared_tuples
+
+    value = shared_tuples(16) if hostile == "3^16" else deep_list(5000)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # torch.save's pickler recurses per level
+    try:
+        torch.save({**_body(value), "integrity": {}}, tmp_path / "f.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(CheckpointError, match="more than .* values|nests containers more than 100 deep"):
+        decode(tmp_path / "f.pt", source="f.pt")
