@@ -87,6 +87,7 @@ def test_negative_zero_is_never_written_and_each_file_is_its_own_checkpoint(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_best_00000001_1.000000.pt"]
 
 
+@pytest.mark.timeout(20)
 def test_over_long_and_special_names_are_clear_errors(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     with pytest.raises(CheckpointNameError, match="300 bytes long"):
