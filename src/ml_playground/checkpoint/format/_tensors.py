@@ -1,4 +1,4 @@
-"""Only plain tensors: dense, strided, non-overlapping, their storage holding exactly their bytes.
+"""Only plain tensors: strided, non-overlapping, every element inside their storage.
 
 A file may describe a tensor that is not what our writer produces: sparse, quantized, nested or meta
 (torch's weights-only loader accepts the first and the last), or a strided view whose strides repeat
@@ -29,8 +29,10 @@ def plain_tensor_problem(
     """Why ``tensor`` is not a plain tensor (a phrase to follow "it is"), or None if it is one.
 
     Plain: strided layout, not quantized or nested, with data (no meta tensor unless ``meta_ok``), every
-    dimension of more than one element with a stride of its own (dense and non-overlapping, in any
-    order of dimensions), and its elements inside its storage (of at most ``max_storage_bytes``).
+    dimension of more than one element with a stride of its own (non-overlapping, in any order of
+    dimensions: no element is stored once and read twice; a view with gaps, ``x[::3]``, is fine), and
+    every element inside its storage (of at most ``max_storage_bytes``): its bytes, which a digest reads,
+    are then never more than the file holds.
     """
     if tensor.layout != torch.strided:
         return f"of layout {tensor.layout} (only dense, strided tensors are stored)"
@@ -38,20 +40,16 @@ def plain_tensor_problem(
         return "quantized" if tensor.is_quantized else "nested"
     if tensor.device.type == "meta":
         return None if meta_ok else "a meta tensor (it has no data)"
-    expected = 1
+    extent = 1  # elements spanned by the dimensions checked so far
     for stride, size in sorted((t, s) for s, t in zip(tensor.shape, tensor.stride(), strict=True) if s > 1):
-        if stride != expected:
-            what = (
-                "repeats its elements (stride 0: an expanded view)"
-                if stride == 0
-                else "has overlapping or gapped strides"
-            )
+        if stride < extent:
+            what = "repeats its elements (stride 0: an expanded view)" if stride == 0 else "has overlapping strides"
             return f"a view that {what}; shape {tuple(tensor.shape)}, strides {tuple(tensor.stride())}"
-        expected *= size
+        extent = stride * (size - 1) + extent
+    needed = (tensor.storage_offset() + (extent if tensor.numel() else 0)) * tensor.element_size()
     storage = tensor.untyped_storage()
     if max_storage_bytes is not None and storage.nbytes() > max_storage_bytes:
         return f"backed by a storage of {storage.nbytes()} bytes, more than the file holds"
-    needed = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
     if tensor.numel() and needed > storage.nbytes():
         return f"{needed} bytes past its storage's start, beyond its storage of {storage.nbytes()} bytes"
     return None
