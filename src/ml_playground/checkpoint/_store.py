@@ -66,12 +66,14 @@ class Capabilities:
       None where the store prefers to be read as a stream (e.g. no room in ``TMPDIR``).
     - ``partial_copy(name)``: an empty sparse local copy that fetches chosen byte ranges
       (:class:`PartialCopy`), deleted when the block ends; None when ``TMPDIR`` cannot hold one.
+    - ``max_name_bytes``: the longest object name (UTF-8 bytes) the store holds; None: no limit of its own.
     """
 
     writer_lease: LeaseFactory | None = None
     local_path: Callable[[str], Path] | None = None
     local_copy: Callable[[str], AbstractContextManager[Path | None]] | None = None
     partial_copy: Callable[[str], AbstractContextManager[PartialCopy | None]] | None = None
+    max_name_bytes: int | None = None
 
 
 @runtime_checkable

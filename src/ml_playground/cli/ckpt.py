@@ -29,7 +29,8 @@ _HELP = {
     "ls": "list the checkpoints of a run location (kind, iteration, metric, size, time)",
     "show": "print a checkpoint's metadata (no model is built)",
     "verify": "fully read and check every checkpoint of a location, or one file; exit 1 if any is bad",
-    "cp": "copy a run or one checkpoint between stores, atomically, verified after the copy",
+    "cp": "copy a run or one checkpoint between stores, atomically; each file is verified (in TMPDIR) before it "
+    "is written to the destination",
     "export": "write a checkpoint's model weights (EMA by default) as a .safetensors file",
 }
 

@@ -65,6 +65,7 @@ class TrainingLoop:
         self.url = url
         self.ranks = ranks
         self.emit = emit
+        self.diverged = False  # a non-finite loss is reported once
         self.saved = "saving (in the background)" if self.tc.runtime.checkpointing.async_save else "saved"
         self.plain_config = plain_config(config)
         rt, data, model = self.tc.runtime, self.tc.data, self.tc.model
@@ -112,6 +113,15 @@ class TrainingLoop:
                 vote = self.ranks.vote(lambda: self.preemption.requested)  # runs during the step
                 loss = self.state.step(self.tc.optim.grad_clip, rt.ema_decay)
                 self.emit(Stepped(i + 1, loss))
+                if not math.isfinite(loss) and not self.diverged:
+                    self.diverged = True
+                    self.emit(
+                        Note(
+                            f"warning: the training loss is {loss} at iteration {i + 1}: the run has diverged"
+                            "; its later checkpoints hold unusable weights. Lower train.optim.learning_rate "
+                            "and train again from an earlier checkpoint or a new out_dir"
+                        )
+                    )
                 if (i + 1) % rt.log_interval == 0 or i + 1 == rt.max_iters:
                     self.emit(Note(f"iter {i + 1}/{rt.max_iters}: train batch loss {loss:.4f}"))
         return Stop(metrics)

@@ -10,7 +10,9 @@ import importlib.util
 import io
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import torch
@@ -22,6 +24,7 @@ from ml_playground.checkpoint import (
     CheckpointManager,
     CheckpointName,
     CheckpointStore,
+    LocalStore,
     open_store,
 )
 from ml_playground.errors import (
@@ -30,6 +33,7 @@ from ml_playground.errors import (
     CheckpointNameError,
     ConfigError,
     MissingExtraError,
+    StorageError,
 )
 from ml_playground.flows.events import EventSink, Transferred
 from ml_playground.locations import Location
@@ -101,9 +105,11 @@ def copy_checkpoints(
 ) -> CopyResult:
     """Copy a run (every checkpoint in ``src``) or one checkpoint ``name`` into ``dst``.
 
-    Each file is streamed through the destination store's atomic write, then read back and verified;
-    a copy that fails verification is deleted again and the error names it. Existing names in ``dst``
-    are never overwritten.
+    Every target name is checked (its form, the target store's name limit, no clash) before the first
+    byte is copied. Each file is then copied into a private temporary directory (``TMPDIR``), verified
+    there (digests, and its content against its name), and only those verified bytes are written
+    through the target store's atomic write: a file that fails verification, or any error, leaves
+    nothing under the target name. Existing names in ``dst`` are never overwritten.
     """
     source = open_store(src)
     if name is None:
@@ -113,36 +119,61 @@ def copy_checkpoints(
     else:
         names = [name]
     target = open_store(dst, create=True)
+    pairs = [(each, dst_name or each) for each in names]
+    for _, out_name in pairs:  # before copying anything: never half a run
+        _check_target_name(out_name, target)
     sizes = {obj.name: obj.size for obj in source.list()}
     present = {obj.name for obj in target.list()}
-    clashes = [dst_name or each for each in names if (dst_name or each) in present]
-    if clashes:  # before copying anything: never half a run
+    clashes = [out_name for _, out_name in pairs if out_name in present]
+    if clashes:
         raise CheckpointExistsError(
             f"{target.url} already holds {', '.join(clashes)}; nothing was copied (names are never overwritten)"
         )
     copied = []
-    for each in names:
-        out_name = dst_name or each
-        _check_target_name(out_name, target.url)
-        with source.open(each) as reader, target.write(out_name) as writer:
-            _copy_stream(reader, writer, sizes.get(each, 0), f"{each} -> {target.url}", on_event)
-        try:
-            read_checkpoint(dst, out_name)
-        except CheckpointError as exc:
-            target.delete(out_name)
-            raise CheckpointError(
-                f"the copy of {source.url}/{each} failed verification and was removed: {exc}"
-            ) from None
-        copied.append(out_name)
+    with tempfile.TemporaryDirectory(prefix="ml_playground-cp-") as staging_dir:
+        staging = LocalStore(Path(staging_dir))
+        for each, out_name in pairs:
+            _stage(source, each, staging, out_name, sizes.get(each, 0), on_event)
+            try:
+                CheckpointManager(staging).load(out_name, mmap=True)
+            except CheckpointError as exc:
+                raise CheckpointError(
+                    f"{source.url}/{each} failed verification; nothing was written to {target.url}/{out_name}: {exc}"
+                ) from None
+            with staging.open(out_name) as reader, target.write(out_name) as writer:
+                _copy_stream(reader, writer, sizes.get(each, 0), f"{each} -> {target.url}", on_event)
+            staging.delete(out_name)
+            copied.append(out_name)
     return CopyResult(source.url, target.url, copied)
 
 
-def _check_target_name(name: str, url: str) -> None:
+def _stage(
+    source: CheckpointStore, name: str, staging: LocalStore, out_name: str, size: int, on_event: EventSink | None
+) -> None:
+    """``name`` of ``source`` copied into the local ``staging`` store as ``out_name``, if there is room."""
+    free = shutil.disk_usage(staging.path).free
+    if size > free:
+        raise StorageError(
+            f"cannot copy {source.url}/{name} ({size:,} bytes): {staging.path.parent} (TMPDIR), where each file is "
+            f"verified before it is written, has {free:,} bytes free; point TMPDIR at a larger directory"
+        )
+    with source.open(name) as reader, staging.write(out_name) as writer:
+        _copy_stream(reader, writer, size, f"{name} (verifying)", on_event)
+
+
+def _check_target_name(name: str, target: CheckpointStore) -> None:
     if name.startswith(CHECKPOINT_PREFIX):
         try:
             CheckpointName.parse(name)
         except CheckpointNameError as exc:
-            raise CheckpointNameError(f"cannot copy to {url}/{name}: {exc}") from None
+            raise CheckpointNameError(f"cannot copy to {target.url}/{name}: {exc}; nothing was copied") from None
+    limit = target.capabilities.max_name_bytes
+    length = len(name.encode("utf-8", "surrogateescape"))
+    if limit is not None and length > limit:
+        raise CheckpointNameError(
+            f"cannot copy {name[:60]}... to {target.url}: its name has {length} bytes, and {target.url} holds "
+            f"names of at most {limit} bytes; nothing was copied (copy it under a shorter name: ckpt cp FILE DST/NAME)"
+        )
 
 
 def _copy_stream(reader: IO[bytes], writer: IO[bytes], size: int, label: str, on_event: EventSink | None) -> None:

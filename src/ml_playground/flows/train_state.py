@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -125,27 +125,33 @@ class TrainState:
             {"ema_decay": _saved_ema_decay(ckpt, source)}, {"ema_decay": tc.runtime.ema_decay}, "train.runtime", source
         )
         model = GPT(args).to(device)
-        model.load_state_dict(ckpt.model)
+        _fitting(source, "model state", lambda: model.load_state_dict(ckpt.model))
         model.train()
         optimizer = make_optimizer(model, tc)
-        optimizer.load_state_dict(dict(ckpt.optimizer))
+        fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        _fitting(source, "optimizer state", lambda: optimizer.load_state_dict(dict(ckpt.optimizer)))
+        _check_optimizer(optimizer, fresh_groups, source)
         sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, tc.runtime.seed)
         drawn = ckpt.data_state.get("batches_drawn")
         torch_key, data_key = rng_keys(rank)
+        if not isinstance(drawn, int) or isinstance(drawn, bool) or drawn < 0:
+            raise CheckpointSchemaError(f"{source}: the checkpoint lacks the data state a resume needs")
         if rank < ckpt.world_size:  # this rank continues its own generators
-            if torch_key not in ckpt.rng_state or data_key not in ckpt.rng_state or not isinstance(drawn, int):
+            if torch_key not in ckpt.rng_state or data_key not in ckpt.rng_state:
                 raise CheckpointSchemaError(
                     f"{source}: the checkpoint lacks the RNG and data state of rank {rank}, which a resume needs"
                 )
-            sampler.restore(ckpt.rng_state[data_key], drawn)
-            torch.set_rng_state(ckpt.rng_state[torch_key])
+            _fitting(source, "data sampler's RNG state", lambda: sampler.restore(ckpt.rng_state[data_key], drawn))
+            _fitting(source, "torch RNG state", lambda: torch.set_rng_state(ckpt.rng_state[torch_key]))
         else:  # a rank the checkpoint's run did not have
-            if not isinstance(drawn, int):
-                raise CheckpointSchemaError(f"{source}: the checkpoint lacks data_state.batches_drawn")
             own = derived_seed(tc.runtime.seed, rank, ckpt.iter_num)
             sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, own)
             sampler.batches_drawn = drawn
             torch.manual_seed(own)
+        if ckpt.ema is not None and {k: v.shape for k, v in ckpt.ema.items()} != {
+            k: v.shape for k, v in model.state_dict().items()
+        }:
+            raise CheckpointSchemaError(f"{source}: its EMA weights do not fit its model")
         ema = _ema_copy(ckpt.ema) if ckpt.ema is not None else None
         return cls(model, optimizer, sampler, device, iter_num=ckpt.iter_num, best=ckpt.best_val_loss, ema=ema)
 
@@ -197,6 +203,39 @@ class TrainState:
             data_state={**splits.describe(), "batches_drawn": self.sampler.batches_drawn},
             world_size=len(every),
         )
+
+
+def _fitting(source: str, what: str, action: Callable[[], object]) -> None:
+    """Run ``action`` (torch restoring a state); whatever torch raises about the state is a clear error."""
+    try:
+        action()
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointSchemaError(
+            f"{source}: its {what} does not fit this run ({reason}); it is damaged or was not written by this trainer"
+        ) from None
+
+
+def _check_optimizer(optimizer: torch.optim.AdamW, fresh: list[dict[str, Any]], source: str) -> None:
+    """What torch's ``load_state_dict`` does not check, and the first step would trip over: the groups'
+    settings and every moment's shape."""
+    for group, wanted in zip(optimizer.param_groups, fresh, strict=True):
+        for key, value in group.items():
+            if key in ("lr", "eps", "weight_decay", "initial_lr"):
+                ok = isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
+            elif key == "betas":
+                ok = isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(b, float) for b in value)
+            else:
+                ok = key == "params" or (key in wanted and value == wanted[key])
+            if not ok:
+                raise CheckpointSchemaError(f"{source}: its optimizer setting {key} = {str(value)[:40]} does not fit")
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                shape = torch.Size([]) if key == "step" else param.shape
+                if not isinstance(value, torch.Tensor) or value.shape != shape or not value.is_floating_point():
+                    raise CheckpointSchemaError(
+                        f"{source}: its optimizer state {key} does not fit the parameter of shape {tuple(param.shape)}"
+                    )
 
 
 def _require_same(saved: Mapping[str, object], wanted: Mapping[str, object], section: str, source: str) -> None:

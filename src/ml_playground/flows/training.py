@@ -28,13 +28,14 @@ from ml_playground.checkpoint import (
     open_saver,
     open_store,
 )
-from ml_playground.config import ExperimentConfig
-from ml_playground.errors import CheckpointNotFoundError, StorageUnavailableError
+from ml_playground.config import ExperimentConfig, TrainConfig
+from ml_playground.errors import CheckpointNotFoundError, ConfigError, StorageUnavailableError
+from ml_playground.flows import limits
 from ml_playground.flows._loop import TrainingLoop
 from ml_playground.flows.distributed import Ranks
 from ml_playground.flows.events import Event, EventSink, Note, Started, log_events
 from ml_playground.flows.preemption import Preemption
-from ml_playground.flows.train_state import TrainState
+from ml_playground.flows.train_state import TrainState, model_args_for
 from ml_playground.workload.data import Splits, load_splits
 from ml_playground.workload.model import runtime_device
 
@@ -76,6 +77,7 @@ def train(config: ExperimentConfig, *, on_event: EventSink | None = None, take_o
         emit = (on_event or log_events(config.context.logger)) if ranks.is_main else _silent
         tc = config.train
         splits = load_splits(tc.data.corpus_chars, tc.data.val_fraction, tc.model.block_size)
+        _require_training_memory(tc, splits)
         manager, lease = _open_run(config, ranks, take_over, emit)
         try:
             _check_shared_location(manager, ranks)
@@ -226,6 +228,19 @@ def _train(
     names = _names(manager) if ranks.is_main else []
     end = stop.stopped_at if stop.stopped_at is not None else rt.max_iters
     return TrainResult(url, start, end, False, stop.metrics, state.best, names, ranks.is_main, stop.stopped_at)
+
+
+def _require_training_memory(tc: TrainConfig, splits: Splits) -> None:
+    """A model or batch this machine cannot hold is a ConfigError naming the setting, before it is built."""
+    m = tc.model
+    params, activations = limits.training_bytes(
+        model_args_for(tc, splits), tc.data.batch_size, ema=tc.runtime.ema_decay > 0
+    )
+    if params >= activations:
+        what = f"train.model.n_embd = {m.n_embd} (with train.model.n_layer = {m.n_layer}): training that model"
+    else:
+        what = f"train.data.batch_size = {tc.data.batch_size} (with train.model.block_size = {m.block_size}): a batch"
+    limits.require_memory(params + activations, what, ConfigError)
 
 
 def _names(manager: CheckpointManager) -> list[str]:

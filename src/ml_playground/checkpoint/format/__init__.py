@@ -18,6 +18,7 @@ from ml_playground.checkpoint.format._decode import Source, decode, usable_devic
 from ml_playground.checkpoint.format._digests import integrity_record
 from ml_playground.checkpoint.format._encode import encode
 from ml_playground.checkpoint.format._migrations import MIGRATIONS, TENSOR_SECTIONS
+from ml_playground.checkpoint.format._tensors import plain_tensor_problem
 from ml_playground.checkpoint.format._torch import MapLocation
 from ml_playground.checkpoint.format._version import FORMAT_MAGIC, FORMAT_VERSION
 from ml_playground.checkpoint.format._weights import read_weights
@@ -32,6 +33,7 @@ __all__ = [
     "decode",
     "encode",
     "integrity_record",
+    "plain_tensor_problem",
     "read_weights",
     "usable_device",
     "verify",

@@ -17,6 +17,7 @@ from ml_playground.checkpoint._checkpoint import Checkpoint
 from ml_playground.checkpoint._tree import check_plain_tree
 from ml_playground.checkpoint.format import _digests
 from ml_playground.checkpoint.format._migrations import MIGRATIONS, TENSOR_SECTIONS
+from ml_playground.checkpoint.format._tensors import check_loaded
 from ml_playground.checkpoint.format._torch import MapLocation, first_line, load, on_device
 from ml_playground.checkpoint.format._version import FORMAT_MAGIC, FORMAT_VERSION
 from ml_playground.checkpoint.format._zip_layout import Archive
@@ -59,6 +60,8 @@ def decode(
     elsewhere = verify and device is not None and device.type != "cpu"
     archive = Archive(data, source)
     payload = load(archive, "cpu" if elsewhere else map_location, mmap)
+    # bounded by the pickle's size, before any other walk or any read of a tensor's bytes
+    check_loaded(payload, archive, meta_ok=device is not None and device.type == "meta" and not elsewhere)
     version = check_header(payload, source)
     if verify:
         try:
@@ -91,7 +94,9 @@ def verify(data: Source, *, source: str) -> None:
 
     A local path is memory-mapped, so verifying costs one read of the file and no copy of it.
     """
-    payload = load(Archive(data, source), None, isinstance(data, Path))
+    archive = Archive(data, source)
+    payload = load(archive, None, isinstance(data, Path))
+    check_loaded(payload, archive)
     check_header(payload, source)
     verify_sections(payload, source)
 

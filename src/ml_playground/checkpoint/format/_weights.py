@@ -28,7 +28,7 @@ import ctypes
 import io
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,6 +36,7 @@ from ml_playground.checkpoint._checkpoint import ModelWeights
 from ml_playground.checkpoint._store import PartialCopy
 from ml_playground.checkpoint._tree import tensors_in
 from ml_playground.checkpoint.format._decode import check_header, checked_meta, migrated, usable_device, verify_sections
+from ml_playground.checkpoint.format._tensors import check_loaded
 from ml_playground.checkpoint.format._torch import MapLocation, load_mapped, on_device, with_storages
 from ml_playground.checkpoint.format._zip_layout import (
     TAIL,
@@ -46,6 +47,7 @@ from ml_playground.checkpoint.format._zip_layout import (
     directory_start,
     header_range,
     match_storages,
+    open_regular,
 )
 from ml_playground.errors import CheckpointCorruptError, CheckpointSchemaError
 
@@ -98,6 +100,7 @@ def read_weights(
 
     archive.refuse_other_byte_order("its weights cannot be read without the optimizer state")
     payload = load_mapped(archive)  # reads the pickle and the headers fetched; no tensor bytes
+    check_loaded(payload, archive)  # bounded by the pickle's size; reads no tensor bytes either
     version = check_header(payload, source)
     by_pointer = match_storages(_storages(payload, payload.keys()), records, source)
     needed = {by_pointer[s.data_ptr()] for s in _storages(payload, _FETCHED) if s.nbytes() > 0}
@@ -105,14 +108,17 @@ def read_weights(
     fetched.ensure((record.header_offset, record.end) for record in needed)
 
     # Opened before the mapping: both then read the same file even if rotation deletes its name meanwhile.
-    with path.open("rb", buffering=0) as handle:
+    with open_regular(path, source, buffering=0) as handle:
         payload = load_mapped(archive)  # the same pickle, now over the fetched bytes
+        check_loaded(payload, archive)
         offsets = _checked_offsets(payload, records, path, source)
         # The weights are read from the file into memory of their own (never through the mapping, whose
         # pages would count next to the copy), and those copies are what is verified and returned.
         copies: dict[int, torch.UntypedStorage] = {}
         weights = {
-            section: with_storages(payload[section], lambda s: _read_storage(handle, offsets, s, source), copies)
+            section: with_storages(
+                payload[section], lambda s: _read_storage(cast(io.FileIO, handle), offsets, s, source), copies
+            )
             for section in _VERIFIED
         }
     payload = {**payload, **weights}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import asdict
@@ -30,7 +31,15 @@ from typing import Any
 
 from fsspec.asyn import sync
 
-from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, Lease, LeaseHolder, process_alive
+from ml_playground.checkpoint._lease import (
+    DEFAULT_TTL,
+    LEASE_NAME,
+    MAX_LEASE_BYTES,
+    Lease,
+    LeaseHolder,
+    MalformedLeaseError,
+    process_alive,
+)
 from ml_playground.checkpoint.stores._translate import is_conflict, is_missing, translate
 from ml_playground.errors import CheckpointError, LocationLockedError
 from ml_playground.locations import RemoteLocation
@@ -100,7 +109,12 @@ class S3WriterLease(Lease):
                     return
                 raise self._locked("another writer took it at the same moment") from None
         record, etag = current
-        alive, why = self._holder_state(record)
+        try:
+            alive, why = self._holder_state(record)
+        except MalformedLeaseError as exc:
+            if not force:
+                raise
+            alive, why = True, str(exc)  # replaced below, by force
         if alive and not force:
             raise self._locked(why, record)
         logger.warning("taking over the writer lease on %s from %s (%s)", self.location, _describe(record), why)
@@ -111,12 +125,15 @@ class S3WriterLease(Lease):
                 raise self._locked("another writer took it over at the same moment") from None
 
     def _holder_state(self, record: dict[str, Any]) -> tuple[bool, str]:
-        pid = record.get("pid")
-        if record.get("host") == self.holder.host and isinstance(pid, int):
-            if process_alive(pid, record.get("process_start")):
+        holder = LeaseHolder.from_record(record, self._lease_url, extra=("expires_at",))
+        expires = record.get("expires_at")
+        if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires):
+            raise MalformedLeaseError(self._lease_url, f"expires_at is {str(expires)[:40]!r}, not a time")
+        if holder.host == self.holder.host:
+            if process_alive(holder.pid, holder.process_start):
                 return True, "its process on this host is alive"
             return False, "its process on this host is gone"
-        left = float(record.get("expires_at", 0)) - time.time()
+        left = float(expires) - time.time()
         if left <= 0:
             return False, f"it expired {-left:.0f} s ago without a heartbeat"
         return True, f"it expires in {left:.0f} s unless its holder's heartbeat renews it"
@@ -182,14 +199,11 @@ class S3WriterLease(Lease):
                 return None
             raise translate(exc, "reading the writer lease", self._lease_url) from None
         try:
-            record = json.loads(data)
+            record = json.loads(data) if len(data) <= MAX_LEASE_BYTES else None
         except ValueError:
-            raise CheckpointError(
-                f"{self._lease_url} is not a writer lease this package wrote; remove it if no job writes here"
-            ) from None
-        if not isinstance(record, dict):
-            raise CheckpointError(f"{self._lease_url} is not a writer lease this package wrote")
-        return record, etag
+            record = None
+        # a record that is not a table is checked (and named) where its holder matters: _holder_state
+        return (record if isinstance(record, dict) else {"malformed": "not a JSON table"}), etag
 
     def _call(self, what: str, method: str, **kwargs: Any) -> Any:
         try:
@@ -205,4 +219,5 @@ class _Conflict(Exception):
 
 
 def _describe(record: dict[str, Any]) -> str:
-    return f"pid {record.get('pid')} on host {record.get('host')}, since {record.get('acquired_at')}"
+    pid, host, since = (str(record.get(key))[:64] for key in ("pid", "host", "acquired_at"))
+    return f"pid {pid} on host {host}, since {since}"

@@ -67,6 +67,7 @@ class S3Store(FsspecStore):
             writer_lease=partial(S3WriterLease, self._fs, self.location),
             local_copy=self._local_copy,
             partial_copy=self._s3_partial_copy,
+            max_name_bytes=self.max_name_bytes,
         )
 
     def _local_copy(self, name: str) -> AbstractContextManager[Path | None]:
