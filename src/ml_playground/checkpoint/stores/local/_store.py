@@ -124,7 +124,10 @@ class LocalStore:
                 for entry in entries:
                     if entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
                         continue
-                    stat = entry.stat(follow_symlinks=False)
+                    try:
+                        stat = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # deleted since the directory was read (rotation elsewhere)
+                        continue
                     found.append(StoredObject(entry.name, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
         except OSError as exc:
             raise os_error(exc, f"cannot list {self._path}", self._path) from None
