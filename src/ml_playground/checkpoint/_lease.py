@@ -18,16 +18,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from ml_playground.errors import LocationLockedError
 
-__all__ = ["DEFAULT_TTL", "LEASE_NAME", "Lease", "LeaseHolder", "process_alive"]
+__all__ = ["DEFAULT_TTL", "LEASE_NAME", "Lease", "LeaseHolder", "LeaseState", "process_alive"]
 
 logger = logging.getLogger(__name__)
 
 LEASE_NAME = ".ml_playground.lease"
 DEFAULT_TTL = 120.0
+
+LeaseState = Literal["held", "released", "expired"]
+"""A writer lease as a reader sees it (the ``lease_state`` capability), without taking it: ``held`` by a
+live writer; ``released`` (no lease: never taken, or given up at the end of a run); ``expired`` (its
+holder's process is gone, or it was not renewed within its ttl: the writer died or was cut off)."""
 
 
 @dataclass(frozen=True)

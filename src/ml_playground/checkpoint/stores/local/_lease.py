@@ -22,17 +22,18 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, Lease, LeaseHolder, process_alive
+from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, Lease, LeaseHolder, LeaseState, process_alive
 from ml_playground.checkpoint.stores.local._fileops import fsync_dir
 from ml_playground.errors import CheckpointError, LocationLockedError, StorageError
 
-__all__ = ["WriterLease"]
+__all__ = ["WriterLease", "lease_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,17 +103,7 @@ class WriterLease(Lease):
 
     def _holder_state(self, holder: LeaseHolder) -> tuple[bool, str]:
         """Whether ``holder`` may still be writing, and why we think so."""
-        if holder.host == self.holder.host:
-            if not process_alive(holder.pid, holder.process_start):
-                return False, "its process is gone"
-            return True, "its process is alive"
-        try:
-            age = time.time() - os.stat(self._path).st_mtime
-        except FileNotFoundError:
-            return False, "its lease vanished"
-        if age > self.ttl:
-            return False, f"it has not refreshed its lease for {age:.0f} s (ttl {self.ttl:.0f} s)"
-        return True, f"it refreshed its lease {age:.0f} s ago"
+        return _holder_state(self._path, holder, self.holder.host, self.ttl)
 
     def _write(self) -> None:
         temp = self.location / f"{LEASE_NAME}.{self.holder.pid}.{self.holder.token}.tmp"
@@ -132,18 +123,7 @@ class WriterLease(Lease):
             raise StorageError(f"cannot write the writer lease {self._path}: {exc.strerror or exc}") from None
 
     def _read(self) -> LeaseHolder | None:
-        try:
-            raw = self._path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot read the writer lease {self._path}: {exc.strerror or exc}") from None
-        try:
-            return LeaseHolder(**json.loads(raw))
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(
-                f"{self._path} is not a writer lease this package wrote ({exc}); remove it if no job writes here"
-            ) from None
+        return _read(self._path)
 
     # ------------------------------------------------------------ heartbeat and guard
 
@@ -179,3 +159,46 @@ class WriterLease(Lease):
             yield
         finally:
             os.close(fd)  # releases the flock
+
+
+def lease_state(location: Path, *, ttl: float = DEFAULT_TTL) -> LeaseState:
+    """The writer lease of ``location`` as a reader sees it; reads the lease file only (no guard, no write).
+
+    The file is replaced atomically (``os.replace``), so an unguarded read sees a whole lease or none.
+    """
+    path = Path(location) / LEASE_NAME
+    holder = _read(path)
+    if holder is None:
+        return "released"
+    alive, _ = _holder_state(path, holder, socket.gethostname(), ttl)
+    return "held" if alive else "expired"
+
+
+def _holder_state(path: Path, holder: LeaseHolder, this_host: str, ttl: float) -> tuple[bool, str]:
+    """Whether ``holder`` of the lease file ``path`` may still be writing, and why we think so."""
+    if holder.host == this_host:
+        if not process_alive(holder.pid, holder.process_start):
+            return False, "its process is gone"
+        return True, "its process is alive"
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return False, "its lease vanished"
+    if age > ttl:
+        return False, f"it has not refreshed its lease for {age:.0f} s (ttl {ttl:.0f} s)"
+    return True, f"it refreshed its lease {age:.0f} s ago"
+
+
+def _read(path: Path) -> LeaseHolder | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read the writer lease {path}: {exc.strerror or exc}") from None
+    try:
+        return LeaseHolder(**json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a writer lease this package wrote ({exc}); remove it if no job writes here"
+        ) from None

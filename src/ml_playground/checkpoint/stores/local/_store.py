@@ -18,7 +18,7 @@ from ml_playground.checkpoint._store import TEMP_PREFIX, Capabilities, StoredObj
 from ml_playground.checkpoint._streams import FailureKeeping
 from ml_playground.checkpoint.stores._translate import os_error
 from ml_playground.checkpoint.stores.local._fileops import FileOps
-from ml_playground.checkpoint.stores.local._lease import WriterLease
+from ml_playground.checkpoint.stores.local._lease import WriterLease, lease_state
 from ml_playground.errors import CheckpointExistsError, CheckpointNameError, CheckpointNotFoundError
 from ml_playground.locations import LocalLocation
 
@@ -87,7 +87,10 @@ class LocalStore:
         elif not self._path.is_dir():
             raise CheckpointNotFoundError(f"checkpoint location {self._path} does not exist or is not a directory")
         self._capabilities = Capabilities(
-            writer_lease=partial(WriterLease, self._path), local_path=self.local_path, local_copy=None
+            writer_lease=partial(WriterLease, self._path),
+            local_path=self.local_path,
+            local_copy=None,
+            lease_state=partial(lease_state, self._path),
         )
 
     @classmethod
@@ -105,7 +108,7 @@ class LocalStore:
 
     @property
     def capabilities(self) -> Capabilities:
-        """A writer lease (a file under ``flock``) and local paths."""
+        """A writer lease (a file under ``flock``), its state for readers, and local paths."""
         return self._capabilities
 
     def _create(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import asdict
@@ -30,12 +31,12 @@ from typing import Any
 
 from fsspec.asyn import sync
 
-from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, Lease, LeaseHolder, process_alive
+from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, Lease, LeaseHolder, LeaseState, process_alive
 from ml_playground.checkpoint.stores._translate import is_conflict, is_missing, translate
 from ml_playground.errors import CheckpointError, LocationLockedError
 from ml_playground.locations import RemoteLocation
 
-__all__ = ["S3WriterLease"]
+__all__ = ["S3WriterLease", "lease_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +112,7 @@ class S3WriterLease(Lease):
                 raise self._locked("another writer took it over at the same moment") from None
 
     def _holder_state(self, record: dict[str, Any]) -> tuple[bool, str]:
-        pid = record.get("pid")
-        if record.get("host") == self.holder.host and isinstance(pid, int):
-            if process_alive(pid, record.get("process_start")):
-                return True, "its process on this host is alive"
-            return False, "its process on this host is gone"
-        left = float(record.get("expires_at", 0)) - time.time()
-        if left <= 0:
-            return False, f"it expired {-left:.0f} s ago without a heartbeat"
-        return True, f"it expires in {left:.0f} s unless its holder's heartbeat renews it"
+        return _holder_state(record, self.holder.host)
 
     def _locked(self, why: str, record: dict[str, Any] | None = None) -> LocationLockedError:
         holder = f" ({_describe(record)}; {why})" if record is not None else f" ({why})"
@@ -170,26 +163,7 @@ class S3WriterLease(Lease):
         return str(response["ETag"])
 
     def _get(self) -> tuple[dict[str, Any], str] | None:
-        async def fetch() -> tuple[bytes, str]:
-            response = await self._fs._call_s3("get_object", Bucket=self._bucket, Key=self._key)
-            async with response["Body"] as body:
-                return await body.read(), str(response["ETag"])
-
-        try:
-            data, etag = sync(self._fs.loop, fetch)
-        except Exception as exc:
-            if is_missing(exc):
-                return None
-            raise translate(exc, "reading the writer lease", self._lease_url) from None
-        try:
-            record = json.loads(data)
-        except ValueError:
-            raise CheckpointError(
-                f"{self._lease_url} is not a writer lease this package wrote; remove it if no job writes here"
-            ) from None
-        if not isinstance(record, dict):
-            raise CheckpointError(f"{self._lease_url} is not a writer lease this package wrote")
-        return record, etag
+        return _get(self._fs, self._bucket, self._key, self._lease_url)
 
     def _call(self, what: str, method: str, **kwargs: Any) -> Any:
         try:
@@ -198,6 +172,53 @@ class S3WriterLease(Lease):
             if is_conflict(exc):
                 raise _Conflict from None
             raise translate(exc, what, self._lease_url) from None
+
+
+def lease_state(fs: Any, location: RemoteLocation) -> LeaseState:
+    """The writer lease of ``location`` as a reader sees it: one GetObject of the lease, nothing written."""
+    current = _get(fs, location.bucket, location.key(LEASE_NAME), location.child(LEASE_NAME))
+    if current is None:
+        return "released"
+    alive, _ = _holder_state(current[0], socket.gethostname())
+    return "held" if alive else "expired"
+
+
+def _holder_state(record: dict[str, Any], this_host: str) -> tuple[bool, str]:
+    """Whether the holder of the lease ``record`` may still be writing, and why we think so."""
+    pid = record.get("pid")
+    if record.get("host") == this_host and isinstance(pid, int):
+        if process_alive(pid, record.get("process_start")):
+            return True, "its process on this host is alive"
+        return False, "its process on this host is gone"
+    left = float(record.get("expires_at", 0)) - time.time()
+    if left <= 0:
+        return False, f"it expired {-left:.0f} s ago without a heartbeat"
+    return True, f"it expires in {left:.0f} s unless its holder's heartbeat renews it"
+
+
+def _get(fs: Any, bucket: str, key: str, url: str) -> tuple[dict[str, Any], str] | None:
+    """The lease object's record and ETag; None when there is none."""
+
+    async def fetch() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with response["Body"] as body:
+            return await body.read(), str(response["ETag"])
+
+    try:
+        data, etag = sync(fs.loop, fetch)
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        raise translate(exc, "reading the writer lease", url) from None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        raise CheckpointError(
+            f"{url} is not a writer lease this package wrote; remove it if no job writes here"
+        ) from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{url} is not a writer lease this package wrote")
+    return record, etag
 
 
 class _Conflict(Exception):
