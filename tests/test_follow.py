@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_playground.checkpoint import Checkpoint, CheckpointManager, KeepPolicy, LocalStore, ModelWeights
+from ml_playground.checkpoint import Checkpoint, CheckpointManager, KeepPolicy, LocalStore, ModelWeights, StoredObject
 from ml_playground.checkpoint.stores.local import lease_state
 from ml_playground.errors import CheckpointCorruptError
 from ml_playground.flows.events import CheckpointReport, Event, Note
@@ -357,3 +358,54 @@ def _flip_a_weight(path: Path, checkpoint: Checkpoint) -> None:
     assert at >= 0
     data[at + 3] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def test_one_listing_per_poll(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll lists the location once, however many checkpoints it then reads."""
+    writer = _writer(run_dir, last=10, best=10)
+    lease = writer.acquire_writer()
+    for iteration in (0, 10, 20):
+        _save(writer, iteration)
+    listings: list[float] = []
+    real_list = LocalStore.list
+
+    def counted(self: LocalStore) -> list[StoredObject]:
+        listings.append(time.monotonic())
+        return real_list(self)
+
+    monkeypatch.setattr(LocalStore, "list", counted)
+
+    def finish() -> None:
+        while len(listings) < 3:  # two polls found nothing new
+            time.sleep(0.01)
+        _save(writer, 100)
+        lease.release()
+
+    polls = dataclasses.replace(FAST, poll=0.1)
+    with in_background(finish):
+        result, events = _follow(LocalLocation(path=run_dir), Evaluations(), polls)
+    assert result.ending == "max_iters"
+    assert len(_reports(events)) == 8
+    gaps = [later - earlier for earlier, later in itertools.pairwise(listings)]
+    assert len(listings) >= 4
+    assert all(gap >= 0.09 for gap in gaps), gaps  # each listing is a poll of its own, --poll apart
+
+
+def test_the_idle_timeout_counts_from_the_last_new_checkpoint(run_dir: Path) -> None:
+    writer = _writer(run_dir, last=10, best=0)
+    with writer.acquire_writer():
+        _save(writer, 0, best=False)
+
+        def slowly() -> None:
+            for iteration in (10, 20, 30, 40):
+                time.sleep(0.3)  # each within the idle timeout of the one before; all four take longer
+                _save(writer, iteration, best=False)
+
+        settings = dataclasses.replace(FAST, idle_timeout=0.8)
+        started = time.monotonic()
+        with in_background(slowly):
+            result, events = _follow(LocalLocation(path=run_dir), Evaluations(), settings)
+        took = time.monotonic() - started
+    assert result.ending == "idle"
+    assert [name for name, _ in _reports(events)][-1] == "ckpt_last_00000040.pt"
+    assert took >= 1.2 + 0.8

@@ -310,7 +310,10 @@ def test_server_errors_name_the_url_without_its_query(trained: Path, temp_dir: P
         server.failure = (500, b"internal error for token=s3cr3t")
         with pytest.raises(StorageError, match="500") as failed:
             CheckpointManager(_store_for(server)).load(trained.name)
-    for caught in (missing, failed):
+        server.failure = (403, b"<Error><Code>AccessDenied</Code><Message>no token=s3cr3t</Message></Error>")
+        with pytest.raises(StorageUnavailableError, match=r"HTTP 403: AccessDenied: no token=\.\.\.") as denied:
+            CheckpointManager(_store_for(server)).load(trained.name)
+    for caught in (missing, failed, denied):
         assert "s3cr3t" not in str(caught.value)
         assert f"/files/{trained.name}" in str(caught.value)
     closed = parse_checkpoint_ref("http://127.0.0.1:9/files/x.pt?token=s3cr3t", base_dir=temp_dir)[0]
