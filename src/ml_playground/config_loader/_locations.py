@@ -71,8 +71,8 @@ def _parse_location(text: str, base_dir: Path, options: StorageOptions, what: st
         raise ConfigError(f"{what} {text!r}: unsupported URL scheme {scheme_name!r}; use {allowed}")
     if scheme.single_file:
         raise ConfigError(
-            f"{what} {text!r}: a {scheme.name}:// URL names one checkpoint file (read-only), never a run location "
-            "or an out_dir; read it with sample/eval --checkpoint URL or ckpt show/verify/export/cp URL"
+            f"{what} {text!r}: {scheme.name}:// URLs are read-only and name one checkpoint file, never a run "
+            "location or an out_dir; read it with sample/eval --checkpoint URL or ckpt show/verify/export/cp URL"
         )
     _require_backend(scheme, text)
     root = _checked_root(text[len(scheme_match.group(0)) :], scheme, text, what)
