@@ -23,6 +23,7 @@ def test_checkpoint_exports() -> None:
         "FileOps",
         "KeepPolicy",
         "Lease",
+        "LeaseState",
         "LocalStore",
         "MetricMode",
         "ModelWeights",

@@ -11,7 +11,7 @@ rotation, the manager and the savers.
 
 from ml_playground.checkpoint._async import AsyncCheckpointSaver, CheckpointSaver, SyncCheckpointSaver, open_saver
 from ml_playground.checkpoint._checkpoint import Checkpoint, ModelWeights
-from ml_playground.checkpoint._lease import Lease
+from ml_playground.checkpoint._lease import Lease, LeaseState
 from ml_playground.checkpoint._manager import CheckpointManager
 from ml_playground.checkpoint._naming import CHECKPOINT_PREFIX, CheckpointInfo, CheckpointKind, CheckpointName
 from ml_playground.checkpoint._rotation import KeepPolicy, MetricMode, improves, to_delete
@@ -34,6 +34,7 @@ __all__ = [
     "FileOps",
     "KeepPolicy",
     "Lease",
+    "LeaseState",
     "LocalStore",
     "MetricMode",
     "ModelWeights",

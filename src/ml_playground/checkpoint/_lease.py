@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from ml_playground.errors import CheckpointError, LocationLockedError
 
@@ -28,6 +28,7 @@ __all__ = [
     "MAX_LEASE_BYTES",
     "Lease",
     "LeaseHolder",
+    "LeaseState",
     "MalformedLeaseError",
     "process_alive",
 ]
@@ -49,6 +50,12 @@ class MalformedLeaseError(CheckpointError):
             f"{where} is not a writer lease this package wrote ({reason}). If no job writes to this location, "
             "take it over (ml-playground train --take-over; in Python acquire_writer(force=True)): that replaces it"
         )
+
+
+LeaseState = Literal["held", "released", "expired"]
+"""A writer lease as a reader sees it (the ``lease_state`` capability), without taking it: ``held`` by a
+live writer; ``released`` (no lease: never taken, or given up at the end of a run); ``expired`` (its
+holder's process is gone, or it was not renewed within its ttl: the writer died or was cut off)."""
 
 
 @dataclass(frozen=True)

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Literal
 
 from ml_playground.checkpoint._checkpoint import Checkpoint, ModelWeights
 from ml_playground.checkpoint._lease import DEFAULT_TTL, Lease
 from ml_playground.checkpoint._loading import load_checkpoint, load_weights, verify_checkpoint
 from ml_playground.checkpoint._naming import CheckpointInfo, CheckpointKind, CheckpointName, is_checkpoint_like
+from ml_playground.checkpoint._reads import load_chosen, rotated_away_if_missing
 from ml_playground.checkpoint._rotation import KeepPolicy, MetricMode, best_first, newest_first, to_delete
 from ml_playground.checkpoint._store import CheckpointStore
 from ml_playground.checkpoint.format import MapLocation, encode
-from ml_playground.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    CheckpointRotatedAwayError,
-)
+from ml_playground.errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = ["CheckpointManager"]
 
@@ -235,9 +233,9 @@ class CheckpointManager:
         ``verify=False`` as well the call returns before the tensor bytes are read, and
         :meth:`verify` checks the file later (DESIGN.md, Integrity). A file whose name does not start
         with ``ckpt_`` (a copy such as ``model.pt``) is loaded and verified, with no name to match.
+        A missing file raises (CheckpointRotatedAwayError when a newer one of its kind exists).
         """
-        name = self._parsed(filename)
-        with self._rotated_away_if_missing(filename, name):
+        with rotated_away_if_missing(self.store.url, filename, self.checkpoints) as name:
             return load_checkpoint(self.store, filename, name, map_location=map_location, verify=verify, mmap=mmap)
 
     def load_weights(self, filename: str, *, map_location: MapLocation = None, verify: bool = True) -> ModelWeights:
@@ -247,25 +245,51 @@ class CheckpointManager:
         (docs/performance.md, target 7); ``verify`` checks the structure and those tensors' digests.
         ``map_location=None`` puts the tensors on the CPU.
         """
-        name = self._parsed(filename)
-        with self._rotated_away_if_missing(filename, name):
+        with rotated_away_if_missing(self.store.url, filename, self.checkpoints) as name:
             return load_weights(self.store, filename, name, map_location=map_location, verify=verify)
 
     def verify(self, filename: str) -> None:
         """Check one checkpoint's checksums (memory-mapped where the store is local); damage raises."""
-        name = self._parsed(filename)
-        with self._rotated_away_if_missing(filename, name):
+        with rotated_away_if_missing(self.store.url, filename, self.checkpoints):
             verify_checkpoint(self.store, filename)
 
-    @staticmethod
-    def _parsed(filename: str) -> CheckpointName | None:
-        return CheckpointName.parse(filename) if is_checkpoint_like(filename) else None
-
     def load_latest(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
-        return self._load_chosen(self.latest(), "any", map_location, verify, mmap)
+        """The latest checkpoint (highest iteration), chosen again if rotation deletes it first."""
+        return self.load_chosen("latest", map_location=map_location, verify=verify, mmap=mmap)[1]
 
     def load_best(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
-        return self._load_chosen(self.best(), "best", map_location, verify, mmap)
+        """The best checkpoint by this manager's mode, chosen again if rotation deletes it first."""
+        return self.load_chosen("best", map_location=map_location, verify=verify, mmap=mmap)[1]
+
+    def load_chosen(
+        self,
+        policy: Literal["latest", "best"],
+        *,
+        map_location: MapLocation = None,
+        verify: bool = True,
+        mmap: bool = False,
+        on_choose: Callable[[CheckpointInfo], None] | None = None,
+    ) -> tuple[CheckpointInfo, Checkpoint]:
+        """The checkpoint ``policy`` picks (:meth:`choose`) and its :meth:`load`; which one was read comes first.
+
+        When rotation deletes the choice before it is read, it chooses again from a fresh listing, three
+        attempts in all; then CheckpointRotatedAwayError advises a larger keep or a best checkpoint.
+        ``on_choose`` is told each choice before it is read (e.g. to announce a download).
+        """
+        read = partial(self.load, map_location=map_location, verify=verify, mmap=mmap)
+        return load_chosen(self.store.url, policy, self.choose, read, on_choose)
+
+    def load_chosen_weights(
+        self,
+        policy: Literal["latest", "best"],
+        *,
+        map_location: MapLocation = None,
+        verify: bool = True,
+        on_choose: Callable[[CheckpointInfo], None] | None = None,
+    ) -> tuple[CheckpointInfo, ModelWeights]:
+        """:meth:`load_chosen` with :meth:`load_weights`: the chosen checkpoint's model and EMA weights only."""
+        read = partial(self.load_weights, map_location=map_location, verify=verify)
+        return load_chosen(self.store.url, policy, self.choose, read, on_choose)
 
     def choose(self, policy: Literal["latest", "best"]) -> CheckpointInfo:
         """The checkpoint a read policy picks; none of that kind raises CheckpointNotFoundError."""
@@ -274,27 +298,3 @@ class CheckpointManager:
             kind = "" if policy == "latest" else "best "
             raise CheckpointNotFoundError(f"no {kind}checkpoint in {self.store.url}")
         return info
-
-    def _load_chosen(
-        self, info: CheckpointInfo | None, kind: str, map_location: MapLocation, verify: bool, mmap: bool
-    ) -> Checkpoint:
-        if info is None:
-            what = "checkpoint" if kind == "any" else f"{kind} checkpoint"
-            raise CheckpointNotFoundError(f"no {what} in {self.store.url}")
-        return self.load(info.filename, map_location=map_location, verify=verify, mmap=mmap)
-
-    @contextlib.contextmanager
-    def _rotated_away_if_missing(self, filename: str, name: CheckpointName | None) -> Iterator[None]:
-        try:
-            yield
-        except CheckpointNotFoundError:
-            source = f"{self.store.url}/{filename}"
-            if name is None:
-                raise CheckpointNotFoundError(f"no file {source}") from None
-            newer = [info for info in self.checkpoints() if info.kind is name.kind and info.iter_num > name.iter_num]
-            if newer:
-                raise CheckpointRotatedAwayError(
-                    f"{source} was rotated away or never written: a newer {name.kind.value} checkpoint, "
-                    f"{newer[0].filename}, is there; load that one"
-                ) from None
-            raise CheckpointNotFoundError(f"no checkpoint {source}") from None

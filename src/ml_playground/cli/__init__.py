@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ml_playground.cli import ckpt
 from ml_playground.cli.common import EXPERIMENT_HELP, SET_HELP, Formatter, fail, load_config
+from ml_playground.cli.follow import FOLLOW_FLAGS, add_follow_args, cmd_follow
 from ml_playground.cli.render import Renderer
 from ml_playground.config import ExperimentConfig
 from ml_playground.errors import ConfigError, MLPlaygroundError
@@ -44,6 +45,8 @@ _EVAL_EXAMPLES = """examples:
   ml-playground eval                                     # best checkpoint of ./out/tiny_chars
   ml-playground eval --from s3://my-bucket/runs/a
   ml-playground eval --checkpoint out/tiny_chars/ckpt_best_00000500_0.443188.pt --raw-weights
+  ml-playground eval --from s3://my-bucket/runs/a --follow --log evals.jsonl   # while it trains
+  ml-playground eval --checkpoint 'https://my-bucket.s3.amazonaws.com/runs/a/ckpt_last_00000400.pt?X-Amz-...'
 """
 
 
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--from", dest="from_", metavar="PATH_OR_URL", help="a run location (directory or URL)")
         source.add_argument("--checkpoint", metavar="PATH_OR_URL", help="one checkpoint file (path or URL)")
         sub.add_argument("--raw-weights", action="store_true", help="use the raw weights even if EMA weights exist")
+        if name == "eval":
+            add_follow_args(sub)
         sub.set_defaults(func=func)
 
     ckpt.add_commands(commands)
@@ -150,6 +155,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.follow:
+        return cmd_follow(args)
+    given = [f"--{flag.replace('_', '-')}" for flag in FOLLOW_FLAGS if getattr(args, flag) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only apply with --follow")
     config, loaded = _load_for_reading(args)
     metrics = sampling.evaluate(loaded, device=config.sample.runtime.device)
     print(

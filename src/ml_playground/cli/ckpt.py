@@ -39,7 +39,8 @@ def add_commands(commands: Any) -> None:
     ckpt = commands.add_parser(
         "ckpt",
         help="inspect, verify, copy and export checkpoints",
-        description="Checkpoint tools. Every PATH_OR_URL may be a local path or an s3:// / gs:// URL.",
+        description="Checkpoint tools. Every PATH_OR_URL may be a local path or an s3:// / gs:// URL; show, "
+        "verify, export and cp also read one checkpoint from an http(s):// URL (e.g. a presigned URL).",
         formatter_class=Formatter,
     )
     tools = ckpt.add_subparsers(dest="ckpt_command", metavar="TOOL", required=True)
@@ -125,7 +126,7 @@ def _cmd_cp(args: argparse.Namespace) -> int:
     else:
         src = where.location(args.src, "SRC")
     if name is not None and where.is_file(args.dst):
-        dst, dst_name = where.file(args.dst)
+        dst, dst_name = where.file(args.dst, for_writing=True)
     else:
         dst = where.location(args.dst, "DST")
     where.check_options_used()
@@ -140,7 +141,7 @@ def _cmd_cp(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     where = LocationArgs(args.storage_option)
     location, name = where.file(args.checkpoint)
-    out_location, out_name = where.file(args.out)
+    out_location, out_name = where.file(args.out, for_writing=True)
     where.check_options_used()
     checkpoint, source = ckpt_tools.read_checkpoint(location, name)
     url, weights = ckpt_tools.export_safetensors(

@@ -12,9 +12,9 @@ from typing import Literal
 
 import torch
 
-from ml_playground.checkpoint import CheckpointManager, ModelWeights, open_store
+from ml_playground.checkpoint import CheckpointInfo, CheckpointManager, ModelWeights, open_store
 from ml_playground.config import DataConfig, SamplingConfig, TrainRuntimeConfig
-from ml_playground.errors import CheckpointNotFoundError, CheckpointSchemaError
+from ml_playground.errors import CheckpointNotFoundError, CheckpointRotatedAwayError, CheckpointSchemaError
 from ml_playground.flows import limits
 from ml_playground.flows.evaluation import eval_batches
 from ml_playground.flows.evaluation import evaluate as evaluate_batches
@@ -58,23 +58,32 @@ def load_checkpoint(
 
     A checkpoint is read without its optimizer state (from a remote store only the model's and EMA's
     bytes are fetched). A file with another name (a copy such as ``model.pt``) is read and verified, with
-    no name to match. A read from a store without local files is reported to ``on_event`` first.
+    no name to match. A read from a store without local files is reported to ``on_event`` first. A
+    chosen checkpoint that rotation deletes before it is read is chosen again (three attempts in all).
     """
     manager = CheckpointManager(open_store(location), mode=mode)
-    if name is None:
-        try:
-            name = manager.choose(policy).filename
-        except CheckpointNotFoundError as exc:
-            other = "latest" if policy == "best" else "best"
-            raise CheckpointNotFoundError(
-                f"{exc} (sample.runtime.read_policy = {policy!r}); train there first, pass --checkpoint FILE, "
-                f"or use --set sample.runtime.read_policy={other}"
-            ) from None
-    source = f"{manager.store.url}/{name}"
-    if on_event is not None and manager.store.capabilities.local_path is None:
-        sizes = {obj.name: obj.size for obj in manager.store.list()}
-        on_event(Fetching(source, sizes.get(name)))
-    return manager.load_weights(name), source
+    remote = manager.store.capabilities.local_path is None
+
+    def announce(info: CheckpointInfo) -> None:
+        if on_event is not None and remote:
+            on_event(Fetching(f"{manager.store.url}/{info.filename}", info.size))
+
+    if name is not None:
+        if on_event is not None and remote:
+            sizes = {obj.name: obj.size for obj in manager.store.list()}
+            on_event(Fetching(f"{manager.store.url}/{name}", sizes.get(name)))
+        return manager.load_weights(name), f"{manager.store.url}/{name}"
+    try:
+        chosen, weights = manager.load_chosen_weights(policy, on_choose=announce)
+    except CheckpointRotatedAwayError:
+        raise
+    except CheckpointNotFoundError as exc:
+        other = "latest" if policy == "best" else "best"
+        raise CheckpointNotFoundError(
+            f"{exc} (sample.runtime.read_policy = {policy!r}); train there first, pass --checkpoint FILE, "
+            f"or use --set sample.runtime.read_policy={other}"
+        ) from None
+    return weights, f"{manager.store.url}/{chosen.filename}"
 
 
 def load_model(checkpoint: ModelWeights, source: str, *, use_ema: bool, device: str = "cpu") -> LoadedModel:

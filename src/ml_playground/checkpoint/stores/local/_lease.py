@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import stat
 import threading
 import time
@@ -36,13 +37,14 @@ from ml_playground.checkpoint._lease import (
     MAX_LEASE_BYTES,
     Lease,
     LeaseHolder,
+    LeaseState,
     MalformedLeaseError,
     process_alive,
 )
 from ml_playground.checkpoint.stores.local._fileops import NO_FOLLOW, fsync_dir, open_regular_file
 from ml_playground.errors import CheckpointError, LocationLockedError, StorageError
 
-__all__ = ["WriterLease"]
+__all__ = ["WriterLease", "lease_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +123,7 @@ class WriterLease(Lease):
 
     def _holder_state(self, holder: LeaseHolder) -> tuple[bool, str]:
         """Whether ``holder`` may still be writing, and why we think so."""
-        if holder.host == self.holder.host:
-            if not process_alive(holder.pid, holder.process_start):
-                return False, "its process is gone"
-            return True, "its process is alive"
-        try:
-            age = time.time() - os.lstat(self._path).st_mtime
-        except FileNotFoundError:
-            return False, "its lease vanished"
-        if age > self.ttl:
-            return False, f"it has not refreshed its lease for {age:.0f} s (ttl {self.ttl:.0f} s)"
-        return True, f"it refreshed its lease {age:.0f} s ago"
+        return _holder_state(self._path, holder, self.holder.host, self.ttl)
 
     def _write(self) -> None:
         temp = self.location / f"{LEASE_NAME}.{self.holder.pid}.{secrets.token_hex(8)}.tmp"  # unpredictable
@@ -151,27 +143,7 @@ class WriterLease(Lease):
             raise StorageError(f"cannot write the writer lease {self._path}: {exc.strerror or exc}") from None
 
     def _read(self) -> LeaseHolder | None:
-        """The lease's holder; None if there is no lease, MalformedLeaseError if the file is not one of ours
-        (also a symlink, a FIFO or a directory under its name: read without following or blocking)."""
-        try:
-            fd = open_regular_file(self._path)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EINVAL):
-                raise MalformedLeaseError(
-                    str(self._path), "a symbolic link" if exc.errno == errno.ELOOP else str(exc.strerror)
-                ) from None
-            raise StorageError(f"cannot read the writer lease {self._path}: {exc.strerror or exc}") from None
-        with os.fdopen(fd, "rb") as handle:
-            raw = handle.read(MAX_LEASE_BYTES + 1)
-        if len(raw) > MAX_LEASE_BYTES:
-            raise MalformedLeaseError(str(self._path), f"longer than {MAX_LEASE_BYTES} bytes")
-        try:
-            record = json.loads(raw)
-        except ValueError as exc:
-            raise MalformedLeaseError(str(self._path), f"not JSON: {exc}") from None
-        return LeaseHolder.from_record(record, str(self._path))
+        return _read(self._path)
 
     # ------------------------------------------------------------ heartbeat and guard
 
@@ -211,3 +183,55 @@ class WriterLease(Lease):
             yield
         finally:
             os.close(fd)  # releases the flock
+
+
+def lease_state(location: Path, *, ttl: float = DEFAULT_TTL) -> LeaseState:
+    """The writer lease of ``location`` as a reader sees it; reads the lease file only (no guard, no write).
+
+    The file is replaced atomically (``os.replace``), so an unguarded read sees a whole lease or none.
+    """
+    path = Path(location) / LEASE_NAME
+    holder = _read(path)
+    if holder is None:
+        return "released"
+    alive, _ = _holder_state(path, holder, socket.gethostname(), ttl)
+    return "held" if alive else "expired"
+
+
+def _holder_state(path: Path, holder: LeaseHolder, this_host: str, ttl: float) -> tuple[bool, str]:
+    """Whether ``holder`` of the lease file ``path`` may still be writing, and why we think so."""
+    if holder.host == this_host:
+        if not process_alive(holder.pid, holder.process_start):
+            return False, "its process is gone"
+        return True, "its process is alive"
+    try:
+        age = time.time() - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return False, "its lease vanished"
+    if age > ttl:
+        return False, f"it has not refreshed its lease for {age:.0f} s (ttl {ttl:.0f} s)"
+    return True, f"it refreshed its lease {age:.0f} s ago"
+
+
+def _read(path: Path) -> LeaseHolder | None:
+    """The lease's holder; None if there is no lease, MalformedLeaseError if the file is not one of ours
+    (also a symlink, a FIFO or a directory under its name: read without following or blocking)."""
+    try:
+        fd = open_regular_file(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EINVAL):
+            raise MalformedLeaseError(
+                str(path), "a symbolic link" if exc.errno == errno.ELOOP else str(exc.strerror)
+            ) from None
+        raise StorageError(f"cannot read the writer lease {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        raw = handle.read(MAX_LEASE_BYTES + 1)
+    if len(raw) > MAX_LEASE_BYTES:
+        raise MalformedLeaseError(str(path), f"longer than {MAX_LEASE_BYTES} bytes")
+    try:
+        record = json.loads(raw)
+    except ValueError as exc:
+        raise MalformedLeaseError(str(path), f"not JSON: {exc}") from None
+    return LeaseHolder.from_record(record, str(path))

@@ -21,7 +21,7 @@ from ml_playground.checkpoint._store import TEMP_PREFIX, Capabilities, StoredObj
 from ml_playground.checkpoint._streams import FailureKeeping
 from ml_playground.checkpoint.stores._translate import os_error
 from ml_playground.checkpoint.stores.local._fileops import NO_FOLLOW, FileOps, open_regular_file
-from ml_playground.checkpoint.stores.local._lease import WriterLease
+from ml_playground.checkpoint.stores.local._lease import WriterLease, lease_state
 from ml_playground.errors import CheckpointExistsError, CheckpointNameError, CheckpointNotFoundError, StorageError
 from ml_playground.locations import LocalLocation
 
@@ -96,6 +96,7 @@ class LocalStore:
             local_path=self.local_path,
             local_copy=None,
             max_name_bytes=_MAX_NAME_BYTES,
+            lease_state=partial(lease_state, self._path),
         )
 
     @classmethod
@@ -113,7 +114,7 @@ class LocalStore:
 
     @property
     def capabilities(self) -> Capabilities:
-        """A writer lease (a file under ``flock``) and local paths."""
+        """A writer lease (a file under ``flock``), its state for readers, and local paths."""
         return self._capabilities
 
     def _create(self) -> None:
@@ -133,7 +134,10 @@ class LocalStore:
                 for entry in entries:
                     if entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
                         continue
-                    stat = entry.stat(follow_symlinks=False)
+                    try:
+                        stat = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # deleted since the directory was read (rotation elsewhere)
+                        continue
                     found.append(StoredObject(entry.name, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
         except OSError as exc:
             raise os_error(exc, f"cannot list {self._path}", self._path) from None

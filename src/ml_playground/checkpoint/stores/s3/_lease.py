@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import threading
 import time
 from dataclasses import asdict
@@ -37,6 +38,7 @@ from ml_playground.checkpoint._lease import (
     MAX_LEASE_BYTES,
     Lease,
     LeaseHolder,
+    LeaseState,
     MalformedLeaseError,
     process_alive,
 )
@@ -44,7 +46,7 @@ from ml_playground.checkpoint.stores._translate import is_conflict, is_missing, 
 from ml_playground.errors import CheckpointError, LocationLockedError
 from ml_playground.locations import RemoteLocation
 
-__all__ = ["S3WriterLease"]
+__all__ = ["S3WriterLease", "lease_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +127,7 @@ class S3WriterLease(Lease):
                 raise self._locked("another writer took it over at the same moment") from None
 
     def _holder_state(self, record: dict[str, Any]) -> tuple[bool, str]:
-        holder = LeaseHolder.from_record(record, self._lease_url, extra=("expires_at",))
-        expires = record.get("expires_at")
-        if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires):
-            raise MalformedLeaseError(self._lease_url, f"expires_at is {str(expires)[:40]!r}, not a time")
-        if holder.host == self.holder.host:
-            if process_alive(holder.pid, holder.process_start):
-                return True, "its process on this host is alive"
-            return False, "its process on this host is gone"
-        left = float(expires) - time.time()
-        if left <= 0:
-            return False, f"it expired {-left:.0f} s ago without a heartbeat"
-        return True, f"it expires in {left:.0f} s unless its holder's heartbeat renews it"
+        return _holder_state(record, self.holder.host, self._lease_url)
 
     def _locked(self, why: str, record: dict[str, Any] | None = None) -> LocationLockedError:
         holder = f" ({_describe(record)}; {why})" if record is not None else f" ({why})"
@@ -187,23 +178,7 @@ class S3WriterLease(Lease):
         return str(response["ETag"])
 
     def _get(self) -> tuple[dict[str, Any], str] | None:
-        async def fetch() -> tuple[bytes, str]:
-            response = await self._fs._call_s3("get_object", Bucket=self._bucket, Key=self._key)
-            async with response["Body"] as body:
-                return await body.read(), str(response["ETag"])
-
-        try:
-            data, etag = sync(self._fs.loop, fetch)
-        except Exception as exc:
-            if is_missing(exc):
-                return None
-            raise translate(exc, "reading the writer lease", self._lease_url) from None
-        try:
-            record = json.loads(data) if len(data) <= MAX_LEASE_BYTES else None
-        except ValueError:
-            record = None
-        # a record that is not a table is checked (and named) where its holder matters: _holder_state
-        return (record if isinstance(record, dict) else {"malformed": "not a JSON table"}), etag
+        return _get(self._fs, self._bucket, self._key, self._lease_url)
 
     def _call(self, what: str, method: str, **kwargs: Any) -> Any:
         try:
@@ -212,6 +187,53 @@ class S3WriterLease(Lease):
             if is_conflict(exc):
                 raise _Conflict from None
             raise translate(exc, what, self._lease_url) from None
+
+
+def lease_state(fs: Any, location: RemoteLocation) -> LeaseState:
+    """The writer lease of ``location`` as a reader sees it: one GetObject of the lease, nothing written."""
+    current = _get(fs, location.bucket, location.key(LEASE_NAME), location.child(LEASE_NAME))
+    if current is None:
+        return "released"
+    alive, _ = _holder_state(current[0], socket.gethostname(), location.child(LEASE_NAME))
+    return "held" if alive else "expired"
+
+
+def _holder_state(record: dict[str, Any], this_host: str, url: str) -> tuple[bool, str]:
+    """Whether the holder of the lease ``record`` (at ``url``) may still be writing, and why we think so."""
+    holder = LeaseHolder.from_record(record, url, extra=("expires_at",))
+    expires = record.get("expires_at")
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires):
+        raise MalformedLeaseError(url, f"expires_at is {str(expires)[:40]!r}, not a time")
+    if holder.host == this_host:
+        if process_alive(holder.pid, holder.process_start):
+            return True, "its process on this host is alive"
+        return False, "its process on this host is gone"
+    left = float(expires) - time.time()
+    if left <= 0:
+        return False, f"it expired {-left:.0f} s ago without a heartbeat"
+    return True, f"it expires in {left:.0f} s unless its holder's heartbeat renews it"
+
+
+def _get(fs: Any, bucket: str, key: str, url: str) -> tuple[dict[str, Any], str] | None:
+    """The lease object's record and ETag; None when there is none. A record that is not a table is
+    checked (and named) where its holder matters: _holder_state."""
+
+    async def fetch() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with response["Body"] as body:
+            return await body.read(), str(response["ETag"])
+
+    try:
+        data, etag = sync(fs.loop, fetch)
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        raise translate(exc, "reading the writer lease", url) from None
+    try:
+        record = json.loads(data) if len(data) <= MAX_LEASE_BYTES else None
+    except ValueError:
+        record = None
+    return (record if isinstance(record, dict) else {"malformed": "not a JSON table"}), etag
 
 
 class _Conflict(Exception):
