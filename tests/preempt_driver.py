@@ -30,7 +30,7 @@ from typing import Any
 
 from ml_playground.checkpoint import FileOps
 from ml_playground.checkpoint.stores.local import _store as local_store
-from ml_playground.cli import main
+from ml_playground.cli import leave, main
 from ml_playground.flows import _loop, evaluation, train_state
 from ml_playground.flows.preemption import REPEAT_WINDOW
 
@@ -119,4 +119,4 @@ def run() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run())
+    leave(run())

@@ -116,12 +116,6 @@ def test_a_resume_at_another_world_size_works_and_says_so_once(tmp_path: Path) -
     assert (latest.iter_num, latest.world_size) == (14, 1)
 
 
-def test_fsdp_is_a_config_error_until_sharded_checkpoints_exist(tmp_path: Path) -> None:
-    result = run_cli(["train", *SHORT, *sets(train__runtime__distributed__strategy="fsdp")], tmp_path)
-    assert result.returncode == 2
-    assert "strategy = 'fsdp'" in result.stderr
-
-
 def _two_agents(cwds: tuple[Path, Path], args: list[str]) -> list[subprocess.CompletedProcess[str]]:
     """Two torchrun agents (--nnodes 2, one process each) on loopback, started in ``cwds``."""
     port = free_port()

@@ -218,6 +218,17 @@ def test_under_torchrun_the_ranks_agree_where_to_stop_and_every_worker_exits_143
     assert_same_state(latest, CheckpointManager(LocalStore(straight / "run")).load_latest())
 
 
+def _settled_names(run: Path, quiet_s: float = 2.0) -> list[str]:
+    """The names once nothing changed for ``quiet_s``: a save rank 0 began before rank 1 stopped may still finish."""
+    names, since = ckpt_names(run), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        time.sleep(0.1)
+        now = ckpt_names(run)
+        if now != names:
+            names, since = now, time.monotonic()
+    return names
+
+
 @pytest.mark.distributed
 def test_under_torchrun_a_rank_gone_at_preemption_means_no_save_and_exit_143(tmp_path: Path) -> None:
     bounded = sets(train__runtime__distributed__timeout_s=15, train__runtime__distributed__preempt_timeout_s=3)
@@ -235,7 +246,7 @@ def test_under_torchrun_a_rank_gone_at_preemption_means_no_save_and_exit_143(tmp
             time.sleep(0.05)
         workers = worker_pids(agent.pid)
         os.kill(workers[1], signal.SIGSTOP)  # rank 1 is stuck: it can neither vote nor train
-        before = ckpt_names(tmp_path / "run")
+        before = _settled_names(tmp_path / "run")
         os.kill(workers[0], signal.SIGTERM)
         out, _ = agent.communicate(timeout=120)
     finally:

@@ -11,6 +11,7 @@ rotation, the manager and the savers.
 
 from ml_playground.checkpoint._async import AsyncCheckpointSaver, CheckpointSaver, SyncCheckpointSaver, open_saver
 from ml_playground.checkpoint._checkpoint import Checkpoint, ModelWeights
+from ml_playground.checkpoint._discovery import Discovered, discover
 from ml_playground.checkpoint._lease import Lease, LeaseState
 from ml_playground.checkpoint._manager import CheckpointManager
 from ml_playground.checkpoint._naming import CHECKPOINT_PREFIX, CheckpointInfo, CheckpointKind, CheckpointName
@@ -31,6 +32,7 @@ __all__ = [
     "CheckpointName",
     "CheckpointSaver",
     "CheckpointStore",
+    "Discovered",
     "FileOps",
     "KeepPolicy",
     "Lease",
@@ -42,6 +44,7 @@ __all__ = [
     "SyncCheckpointSaver",
     "WriterLease",
     "decode",
+    "discover",
     "encode",
     "improves",
     "open_saver",

@@ -40,15 +40,20 @@ class Checkpoint:
     rng_state: StateDict = field(default_factory=dict)
     data_state: Mapping[str, PlainData] = field(default_factory=dict)
     world_size: int = 1
+    shards: Mapping[str, PlainData] | None = None
+    """Set only on a sharded checkpoint's manifest: where its tensors are (``checkpoint.sharded`` reads it);
+    the manifest then holds no tensors of its own (``model`` and ``optimizer`` empty, no ``ema``)."""
 
     def __post_init__(self) -> None:
         _check_weights_and_metadata(self)
         _check_state_dict("rng_state", self.rng_state)
+        if self.shards is not None and (self.model or self.optimizer or self.ema is not None):
+            raise CheckpointSchemaError("a sharded checkpoint's manifest holds no model, EMA or optimizer tensors")
         check_plain_tree("optimizer", self.optimizer, tensors_allowed=True)
 
     @property
     def has_ema(self) -> bool:
-        return self.ema is not None
+        return self.ema is not None or _sharded_section(self.shards, "ema")
 
     @property
     def has_finite_metric(self) -> bool:
@@ -67,9 +72,13 @@ class ModelWeights:
     ema: StateDict | None = None
     data_state: Mapping[str, PlainData] = field(default_factory=dict)
     world_size: int = 1
+    shards: Mapping[str, PlainData] | None = None
+    """As on :class:`Checkpoint`: set only when read from a sharded checkpoint's manifest, before assembly."""
 
     def __post_init__(self) -> None:
         _check_weights_and_metadata(self)
+        if self.shards is not None and (self.model or self.ema is not None):
+            raise CheckpointSchemaError("a sharded checkpoint's manifest holds no model or EMA tensors")
 
     @classmethod
     def of(cls, checkpoint: Checkpoint) -> ModelWeights:
@@ -83,11 +92,17 @@ class ModelWeights:
             ema=checkpoint.ema,
             data_state=checkpoint.data_state,
             world_size=checkpoint.world_size,
+            shards=checkpoint.shards,
         )
 
     @property
     def has_ema(self) -> bool:
-        return self.ema is not None
+        return self.ema is not None or _sharded_section(self.shards, "ema")
+
+
+def _sharded_section(shards: Mapping[str, PlainData] | None, section: str) -> bool:
+    sections = shards.get("sections") if shards is not None else None
+    return isinstance(sections, list) and section in sections
 
 
 def _check_weights_and_metadata(state: Checkpoint | ModelWeights) -> None:
@@ -102,8 +117,8 @@ def _check_weights_and_metadata(state: Checkpoint | ModelWeights) -> None:
     _check_state_dict("model", state.model)
     if state.ema is not None:
         _check_state_dict("ema", state.ema)
-    for name in ("model_args", "config", "data_state"):
-        check_plain_tree(name, getattr(state, name), tensors_allowed=False)
+    for name in ("model_args", "config", "data_state", "shards"):
+        check_plain_tree(name, getattr(state, name) or {}, tensors_allowed=False)
 
 
 def _check_state_dict(name: str, state: object) -> None:

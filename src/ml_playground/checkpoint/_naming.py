@@ -114,11 +114,21 @@ def _check_iter(iter_num: int) -> int:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint as listed: its parsed name plus what the store knows of it."""
+    """A committed checkpoint as listed: its parsed name plus what the store knows of it.
+
+    A sharded checkpoint (a manifest and its part objects) lists its parts' names, its world size (read from
+    them) and as ``size`` the manifest's and parts' bytes together; a single file has no parts.
+    """
 
     name: CheckpointName
     size: int
     modified: datetime | None
+    parts: tuple[str, ...] = ()
+    world_size: int | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.parts)
 
     @property
     def filename(self) -> str:

@@ -103,11 +103,13 @@ class DataConfig(BaseModel):
 
 class DistributedConfig(BaseModel):
     """How a run launched by ``torchrun`` trains across processes (docs/distributed.md); without torchrun,
-    ``"ddp"`` is a plain single process."""
+    ``"ddp"`` is a plain single process and ``"fsdp"`` a one-rank process group writing sharded checkpoints."""
 
     model_config = _STRICT
 
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: every rank holds the model, rank 0 writes single-file checkpoints. ``fsdp``: the model, EMA and
+    optimizer are sharded across the ranks (FSDP2), every rank writes its part of each checkpoint."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """``auto``: nccl on CUDA, gloo on the CPU."""
     timeout_s: Annotated[float, Field(gt=0)] = 1800.0
@@ -115,12 +117,6 @@ class DistributedConfig(BaseModel):
     preempt_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     """How long the ranks wait to agree on where a SIGTERM stops the run (keep it under torchrun's shutdown
     timeout); a rank gone meanwhile: no save, exit 143."""
-
-    @model_validator(mode="after")
-    def _sharded_not_yet(self) -> DistributedConfig:
-        if self.strategy == "fsdp":
-            raise ValueError("strategy = 'fsdp' (sharded checkpoints) is not available in this version; use 'ddp'")
-        return self
 
 
 class TrainRuntimeConfig(BaseModel):

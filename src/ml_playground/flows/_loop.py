@@ -1,7 +1,9 @@
 """The steps of a training run, between its setup and its result (:mod:`.training`): evaluate, save, step.
 
 At each iteration that may evaluate or save, rank 0's plan is every rank's; the metric is rank 0's
-value; a save is rank 0's, with every rank's generator states, and its outcome reaches every rank.
+value; a save holds every rank's generator states and its outcome reaches every rank. The run's
+:class:`Saves` write it: a single file written by rank 0 (:class:`SingleFileSaves`), or the parts every rank
+writes and rank 0's manifest (:class:`ml_playground.flows.fsdp.ShardedSaver`).
 
 A SIGTERM (:mod:`.preemption`) stops the run at an iteration boundary ``s`` every rank agrees on (a vote
 started before each step, answered at the next boundary): ``s``'s evaluation and best save run if due, a
@@ -14,8 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
-from ml_playground.checkpoint import CheckpointKind, CheckpointSaver, improves
+from ml_playground.checkpoint import Checkpoint, CheckpointKind, CheckpointSaver, improves
 from ml_playground.config import ExperimentConfig, TrainConfig
 from ml_playground.errors import DistributedError
 from ml_playground.flows.distributed import Ranks, collective_failure
@@ -25,7 +29,45 @@ from ml_playground.flows.preemption import Preempted, Preemption
 from ml_playground.flows.train_state import TrainState, plain_config
 from ml_playground.workload.data import Splits
 
-__all__ = ["Stop", "TrainingLoop"]
+__all__ = ["Saves", "SingleFileSaves", "Stop", "TrainingLoop"]
+
+
+class Saves(Protocol):
+    """How a run's checkpoints are written; every rank calls each method together."""
+
+    def save(self, kind: CheckpointKind, describe: Callable[..., Checkpoint], state: TrainState) -> str | None:
+        """Save ``state`` as ``kind``; ``describe(tensors=...)`` gives (on rank 0) the checkpoint to write.
+        The file name on rank 0 (None: that kind's keep is 0)."""
+        ...
+
+    def close(self, *, failed: bool = False) -> None:
+        """Settle a save in flight (its outcome raised on every rank); ``failed``: no collectives (a rank may
+        be gone)."""
+        ...
+
+
+class SingleFileSaves:
+    """Rank 0 writes each checkpoint through its saver (sync or async); every rank learns the outcome."""
+
+    def __init__(self, saver: CheckpointSaver | None, ranks: Ranks) -> None:
+        self.saver = saver  # rank 0's; None on the other ranks
+        self.ranks = ranks
+
+    def save(self, kind: CheckpointKind, describe: Callable[..., Checkpoint], state: TrainState) -> str | None:
+        def save() -> str | None:
+            assert self.saver is not None
+            last = kind is CheckpointKind.LAST
+            saved = self.saver.save_last(describe()) if last else self.saver.save_best(describe())
+            return None if saved is None else saved.filename
+
+        return self.ranks.on_main(save)
+
+    def close(self, *, failed: bool = False) -> None:
+        if failed:
+            if self.saver is not None:
+                self.saver.close()
+            return
+        self.ranks.on_main(lambda: self.saver.close() if self.saver is not None else None)
 
 
 @dataclass(frozen=True)
@@ -50,7 +92,7 @@ class TrainingLoop:
         config: ExperimentConfig,
         splits: Splits,
         state: TrainState,
-        saver: CheckpointSaver | None,
+        saves: Saves,
         url: str,
         ranks: Ranks,
         emit: EventSink,
@@ -61,7 +103,7 @@ class TrainingLoop:
         self.last_saved_at: int | None = None
         self.splits = splits
         self.state = state
-        self.saver = saver  # rank 0's; None on the other ranks
+        self.saves = saves
         self.url = url
         self.ranks = ranks
         self.emit = emit
@@ -157,16 +199,8 @@ class TrainingLoop:
 
     def _save(self, kind: CheckpointKind) -> None:
         randomness = self.ranks.gather(self.state.randomness())  # every rank's generators, on rank 0
-
-        def save() -> str | None:
-            assert self.saver is not None
-            assert randomness is not None
-            checkpoint = self.state.to_checkpoint(self.plain_config, self.splits, randomness)
-            last = kind is CheckpointKind.LAST
-            saved = self.saver.save_last(checkpoint) if last else self.saver.save_best(checkpoint)
-            return None if saved is None else saved.filename
-
-        filename = self.ranks.on_main(save)
+        describe = partial(self.state.to_checkpoint, self.plain_config, self.splits, randomness)
+        filename = self.saves.save(kind, describe, self.state)
         if kind is CheckpointKind.LAST:
             self.last_saved_at = self.state.iter_num
         if filename is not None:

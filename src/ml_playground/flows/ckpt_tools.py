@@ -1,4 +1,5 @@
-"""Checkpoint tools behind ``ml-playground ckpt``: list, show, verify, copy and export, on any store.
+"""Checkpoint tools behind ``ml-playground ckpt``: list, show, verify and export, on any store (copies:
+:mod:`.ckpt_copy`).
 
 Every function takes validated locations (from :mod:`ml_playground.config_loader`) and goes through
 :func:`~ml_playground.checkpoint.open_store`, so local paths and ``s3://`` / ``gs://`` URLs work alike.
@@ -10,10 +11,7 @@ import importlib.util
 import io
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO
 
 import torch
 
@@ -22,26 +20,22 @@ from ml_playground.checkpoint import (
     Checkpoint,
     CheckpointInfo,
     CheckpointManager,
-    CheckpointName,
     CheckpointStore,
-    LocalStore,
+    StoredObject,
+    discover,
     open_store,
 )
 from ml_playground.errors import (
     CheckpointError,
     CheckpointExistsError,
-    CheckpointNameError,
     ConfigError,
     MissingExtraError,
-    StorageError,
 )
-from ml_playground.flows.events import EventSink, Transferred
 from ml_playground.locations import Location
 
 __all__ = [
-    "CopyResult",
+    "Listing",
     "VerifyResult",
-    "copy_checkpoints",
     "export_safetensors",
     "list_checkpoints",
     "read_checkpoint",
@@ -52,10 +46,20 @@ __all__ = [
 _CHUNK = 4 << 20
 
 
-def list_checkpoints(location: Location) -> tuple[str, list[CheckpointInfo]]:
-    """The store's URL and its committed checkpoints, newest first."""
-    manager = CheckpointManager(open_store(location))
-    return manager.store.url, manager.checkpoints()
+@dataclass(frozen=True)
+class Listing:
+    url: str
+    checkpoints: list[CheckpointInfo]
+    """Newest first; a sharded one with its parts and world size."""
+    leftovers: list[StoredObject]
+    """Parts of sharded saves that did not complete (or are being written): the next writer removes them."""
+
+
+def list_checkpoints(location: Location) -> Listing:
+    """The store's committed checkpoints and leftovers; a ``ckpt_`` name that parses as neither raises."""
+    store = open_store(location)
+    found = discover(store.list()).strict()
+    return Listing(store.url, found.checkpoints, found.leftovers)
 
 
 def read_checkpoint(location: Location, name: str) -> tuple[Checkpoint, str]:
@@ -70,119 +74,38 @@ class VerifyResult:
     url: str
     good: list[str]
     bad: dict[str, str]
+    leftovers: list[str]
+    """Listed, never failing the check: parts of saves that did not complete (the next writer removes them)."""
 
 
 def verify(location: Location, name: str | None = None) -> VerifyResult:
-    """Fully read and check every checkpoint in ``location`` (or just ``name``); collect every failure."""
+    """Fully read and check every checkpoint in ``location`` (a sharded one with all of its parts), or just
+    ``name``; collect every failure. A ``ckpt_`` name that is neither a checkpoint's nor a part's is bad."""
     store = open_store(location)
-    names = [name] if name is not None else [o.name for o in store.list() if o.name.startswith(CHECKPOINT_PREFIX)]
-    good: list[str] = []
+    manager = CheckpointManager(store)
+    found = discover(store.list())
+    sharded = {info.filename for info in found.checkpoints if info.sharded}
+    leftovers: list[str] = []
     bad: dict[str, str] = {}
+    if name is not None:
+        names = [name]
+    else:
+        names = [info.filename for info in found.checkpoints]
+        leftovers = [obj.name for obj in found.leftovers]
+        bad = {each: str(error) for each, error in found.unparsable.items()}
+    good: list[str] = []
     for each in sorted(names):
         try:
-            read_checkpoint(location, each)
+            if each in sharded:  # its manifest against its name, then every byte of its parts (one item at a time)
+                manager.load_manifest(each)
+                manager.verify(each)
+            else:
+                manager.load(each)
         except CheckpointError as exc:
             bad[each] = str(exc)
         else:
             good.append(each)
-    return VerifyResult(store.url, good, bad)
-
-
-@dataclass(frozen=True)
-class CopyResult:
-    source: str
-    destination: str
-    copied: list[str]
-
-
-def copy_checkpoints(
-    src: Location,
-    dst: Location,
-    *,
-    name: str | None = None,
-    dst_name: str | None = None,
-    on_event: EventSink | None = None,
-) -> CopyResult:
-    """Copy a run (every checkpoint in ``src``) or one checkpoint ``name`` into ``dst``.
-
-    Every target name is checked (its form, the target store's name limit, no clash) before the first
-    byte is copied. Each file is then copied into a private temporary directory (``TMPDIR``), verified
-    there (digests, and its content against its name), and only those verified bytes are written
-    through the target store's atomic write: a file that fails verification, or any error, leaves
-    nothing under the target name. Existing names in ``dst`` are never overwritten.
-    """
-    source = open_store(src)
-    if name is None:
-        names = [info.filename for info in sorted(CheckpointManager(source).checkpoints(), key=lambda i: i.iter_num)]
-        if not names:
-            raise CheckpointError(f"no checkpoints in {source.url} to copy")
-    else:
-        names = [name]
-    target = open_store(dst, create=True)
-    pairs = [(each, dst_name or each) for each in names]
-    for _, out_name in pairs:  # before copying anything: never half a run
-        _check_target_name(out_name, target)
-    sizes = {obj.name: obj.size for obj in source.list()}
-    present = {obj.name for obj in target.list()}
-    clashes = [out_name for _, out_name in pairs if out_name in present]
-    if clashes:
-        raise CheckpointExistsError(
-            f"{target.url} already holds {', '.join(clashes)}; nothing was copied (names are never overwritten)"
-        )
-    copied = []
-    with tempfile.TemporaryDirectory(prefix="ml_playground-cp-") as staging_dir:
-        staging = LocalStore(Path(staging_dir))
-        for each, out_name in pairs:
-            _stage(source, each, staging, out_name, sizes.get(each, 0), on_event)
-            try:
-                CheckpointManager(staging).load(out_name, mmap=True)
-            except CheckpointError as exc:
-                raise CheckpointError(
-                    f"{source.url}/{each} failed verification; nothing was written to {target.url}/{out_name}: {exc}"
-                ) from None
-            with staging.open(out_name) as reader, target.write(out_name) as writer:
-                _copy_stream(reader, writer, sizes.get(each, 0), f"{each} -> {target.url}", on_event)
-            staging.delete(out_name)
-            copied.append(out_name)
-    return CopyResult(source.url, target.url, copied)
-
-
-def _stage(
-    source: CheckpointStore, name: str, staging: LocalStore, out_name: str, size: int, on_event: EventSink | None
-) -> None:
-    """``name`` of ``source`` copied into the local ``staging`` store as ``out_name``, if there is room."""
-    free = shutil.disk_usage(staging.path).free
-    if size > free:
-        raise StorageError(
-            f"cannot copy {source.url}/{name} ({size:,} bytes): {staging.path.parent} (TMPDIR), where each file is "
-            f"verified before it is written, has {free:,} bytes free; point TMPDIR at a larger directory"
-        )
-    with source.open(name) as reader, staging.write(out_name) as writer:
-        _copy_stream(reader, writer, size, f"{name} (verifying)", on_event)
-
-
-def _check_target_name(name: str, target: CheckpointStore) -> None:
-    if name.startswith(CHECKPOINT_PREFIX):
-        try:
-            CheckpointName.parse(name)
-        except CheckpointNameError as exc:
-            raise CheckpointNameError(f"cannot copy to {target.url}/{name}: {exc}; nothing was copied") from None
-    limit = target.capabilities.max_name_bytes
-    length = len(name.encode("utf-8", "surrogateescape"))
-    if limit is not None and length > limit:
-        raise CheckpointNameError(
-            f"cannot copy {name[:60]}... to {target.url}: its name has {length} bytes, and {target.url} holds "
-            f"names of at most {limit} bytes; nothing was copied (copy it under a shorter name: ckpt cp FILE DST/NAME)"
-        )
-
-
-def _copy_stream(reader: IO[bytes], writer: IO[bytes], size: int, label: str, on_event: EventSink | None) -> None:
-    done = 0
-    while chunk := reader.read(_CHUNK):
-        writer.write(chunk)
-        done += len(chunk)
-        if on_event is not None:
-            on_event(Transferred(label, done, size))
+    return VerifyResult(store.url, good, dict(sorted(bad.items())), leftovers)
 
 
 def export_safetensors(

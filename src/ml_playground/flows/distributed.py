@@ -62,16 +62,24 @@ class Ranks:
 
     @classmethod
     def start(cls, settings: DistributedConfig, device: str) -> Ranks:
-        """Join the run torchrun started (if it did); the device of this rank (``cuda:LOCAL_RANK`` on CUDA)."""
+        """Join the run torchrun started (if it did); the device of this rank (``cuda:LOCAL_RANK`` on CUDA).
+
+        Strategy ``"fsdp"`` always has a process group: without torchrun, one of a single rank."""
         launch = _launch()
-        if launch is None or launch[1] == 1:
+        sharded = settings.strategy == "fsdp"
+        if (launch is None or launch[1] == 1) and not sharded:
             return cls(0, 1, 0, torch.device(device), grouped=False)
-        rank, world_size, local_rank = launch
+        rank, world_size, local_rank = launch or (0, 1, 0)
         backend = settings.backend if settings.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
         placed = torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
         if placed.type == "cuda":
             torch.cuda.set_device(placed)
-        dist.init_process_group(backend, timeout=timedelta(seconds=settings.timeout_s))
+        timeout = timedelta(seconds=settings.timeout_s)
+        if launch is None:  # no torchrun: a group of this process alone, with nothing to rendezvous over
+            store = dist.HashStore()  # type: ignore[attr-defined]  # exported at runtime, not in torch's stubs
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
         return cls(rank, world_size, local_rank, placed, grouped=True)
 
     @property
@@ -189,7 +197,15 @@ class Ranks:
         return gathered
 
 
-_COLLECTIVE_FAILURES = ("gloo", "NCCL", "nccl", "Connection closed by peer", "Timed out", "timed out")
+_COLLECTIVE_FAILURES = (
+    "gloo",
+    "NCCL",
+    "nccl",
+    "Connection closed by peer",
+    "Timed out",
+    "timed out",
+    "Application timeout",  # gloo, a collective past the group's timeout: "Application timeout caused pair closure"
+)
 
 
 def collective_failure(exc: BaseException) -> bool:

@@ -4,47 +4,36 @@ A checkpoint holds the model, the optimizer, the EMA shadow weights, the best me
 rank's global torch RNG state (dropout) and batch sampler generator state, and the number of batches
 drawn. Restoring all of them is what makes a resumed run bitwise identical to an uninterrupted one.
 
-Randomness per rank (DESIGN.md, distributed runs): the model is initialised from ``seed`` on every rank;
-rank 0's dropout and batches then continue from ``seed`` (a single process is rank 0, as before), rank
-r's come from :func:`derived_seed` ``(seed, r)``. Resumed at another world size, ranks the checkpoint
-has continue their generators and new ranks start from ``(seed, r, iteration)``.
+Randomness per rank and the checks of a resume are in :mod:`ml_playground.flows.resume`; a sharded (FSDP2)
+state's parts in :mod:`ml_playground.flows.fsdp`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ml_playground.checkpoint import Checkpoint
 from ml_playground.config import ExperimentConfig, TrainConfig
-from ml_playground.errors import CheckpointSchemaError, ConfigError
+from ml_playground.errors import CheckpointSchemaError
+from ml_playground.flows.resume import (
+    check_resumable,
+    derived_seed,
+    fitting,
+    model_args_for,
+    restored_randomness,
+    rng_keys,
+)
 from ml_playground.workload.data import BatchSampler, Splits
-from ml_playground.workload.model import GPT, GPTArgs
+from ml_playground.workload.model import GPT
 
-__all__ = ["TrainState", "derived_seed", "plain_config", "rng_keys"]
+__all__ = ["TrainState", "make_optimizer", "plain_config"]
 
 RankRandomness = dict[str, torch.Tensor]
 """One rank's generator states: ``{"torch": global RNG (dropout), "data": the batch sampler's}``."""
-
-
-def derived_seed(seed: int, *parts: int) -> int:
-    """A seed for ``(seed, *parts)`` (a rank, an iteration): deterministic, independent of each other."""
-    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & (2**63 - 1)
-
-
-def rng_keys(rank: int) -> tuple[str, str]:
-    """Where rank ``rank``'s states live in ``Checkpoint.rng_state`` (rank 0's keys are a single process's)."""
-    return ("torch", "data") if rank == 0 else (f"torch.{rank}", f"data.{rank}")
-
-
-def model_args_for(tc: TrainConfig, splits: Splits) -> GPTArgs:
-    m = tc.model
-    return GPTArgs(splits.tokenizer.size, m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias)
 
 
 def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.AdamW:
@@ -115,39 +104,15 @@ class TrainState:
     def restore(
         cls, tc: TrainConfig, splits: Splits, device: torch.device, ckpt: Checkpoint, *, source: str, rank: int = 0
     ) -> TrainState:
-        args = model_args_for(tc, splits)
-        saved = GPTArgs.from_plain(ckpt.model_args, source=source)
-        _require_same(saved.to_plain(), args.to_plain(), "train.model", source)
-        described = splits.describe()
-        stored = {k: ckpt.data_state.get(k) for k in described}
-        _require_same(stored, dict(described), "train.data", source)
-        _require_same(
-            {"ema_decay": _saved_ema_decay(ckpt, source)}, {"ema_decay": tc.runtime.ema_decay}, "train.runtime", source
-        )
+        args = check_resumable(tc, splits, ckpt, source)
         model = GPT(args).to(device)
-        _fitting(source, "model state", lambda: model.load_state_dict(ckpt.model))
+        fitting(source, "model state", lambda: model.load_state_dict(ckpt.model))
         model.train()
         optimizer = make_optimizer(model, tc)
         fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        _fitting(source, "optimizer state", lambda: optimizer.load_state_dict(dict(ckpt.optimizer)))
+        fitting(source, "optimizer state", lambda: optimizer.load_state_dict(dict(ckpt.optimizer)))
         _check_optimizer(optimizer, fresh_groups, source)
-        sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, tc.runtime.seed)
-        drawn = ckpt.data_state.get("batches_drawn")
-        torch_key, data_key = rng_keys(rank)
-        if not isinstance(drawn, int) or isinstance(drawn, bool) or drawn < 0:
-            raise CheckpointSchemaError(f"{source}: the checkpoint lacks the data state a resume needs")
-        if rank < ckpt.world_size:  # this rank continues its own generators
-            if torch_key not in ckpt.rng_state or data_key not in ckpt.rng_state:
-                raise CheckpointSchemaError(
-                    f"{source}: the checkpoint lacks the RNG and data state of rank {rank}, which a resume needs"
-                )
-            _fitting(source, "data sampler's RNG state", lambda: sampler.restore(ckpt.rng_state[data_key], drawn))
-            _fitting(source, "torch RNG state", lambda: torch.set_rng_state(ckpt.rng_state[torch_key]))
-        else:  # a rank the checkpoint's run did not have
-            own = derived_seed(tc.runtime.seed, rank, ckpt.iter_num)
-            sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, own)
-            sampler.batches_drawn = drawn
-            torch.manual_seed(own)
+        sampler = restored_randomness(tc, splits, ckpt, source, rank)
         if ckpt.ema is not None and {k: v.shape for k, v in ckpt.ema.items()} != {
             k: v.shape for k, v in model.state_dict().items()
         }:
@@ -183,37 +148,33 @@ class TrainState:
         return {"torch": torch.get_rng_state(), "data": self.sampler.state()}
 
     def to_checkpoint(
-        self, config: Mapping[str, Any], splits: Splits, ranks: Sequence[RankRandomness] | None = None
+        self,
+        config: Mapping[str, Any],
+        splits: Splits,
+        ranks: Sequence[RankRandomness] | None = None,
+        *,
+        tensors: bool = True,
     ) -> Checkpoint:
-        """The state as a checkpoint; ``ranks`` is every rank's randomness (in rank order), else this process's."""
+        """The state as a checkpoint; ``ranks`` is every rank's randomness (in rank order), else this process's.
+        ``tensors=False``: without model, optimizer and EMA (a sharded checkpoint's manifest, whose shards
+        every rank writes)."""
         every = list(ranks) if ranks is not None else [self.randomness()]
         rng: dict[str, torch.Tensor] = {}
         for rank, states in enumerate(every):
             torch_key, data_key = rng_keys(rank)
             rng[torch_key], rng[data_key] = states["torch"], states["data"]
         return Checkpoint(
-            model=self.model.state_dict(),
-            optimizer=self.optimizer.state_dict(),
+            model=self.model.state_dict() if tensors else {},
+            optimizer=self.optimizer.state_dict() if tensors else {},
             model_args=self.model.args.to_plain(),
             iter_num=self.iter_num,
             best_val_loss=self.best,
             config=config,
-            ema=self.ema,
+            ema=self.ema if tensors else None,
             rng_state=rng,
             data_state={**splits.describe(), "batches_drawn": self.sampler.batches_drawn},
             world_size=len(every),
         )
-
-
-def _fitting(source: str, what: str, action: Callable[[], object]) -> None:
-    """Run ``action`` (torch restoring a state); whatever torch raises about the state is a clear error."""
-    try:
-        action()
-    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointSchemaError(
-            f"{source}: its {what} does not fit this run ({reason}); it is damaged or was not written by this trainer"
-        ) from None
 
 
 def _check_optimizer(optimizer: torch.optim.AdamW, fresh: list[dict[str, Any]], source: str) -> None:
@@ -236,32 +197,6 @@ def _check_optimizer(optimizer: torch.optim.AdamW, fresh: list[dict[str, Any]], 
                     raise CheckpointSchemaError(
                         f"{source}: its optimizer state {key} does not fit the parameter of shape {tuple(param.shape)}"
                     )
-
-
-def _require_same(saved: Mapping[str, object], wanted: Mapping[str, object], section: str, source: str) -> None:
-    differing = [
-        f"{section}.{k}: checkpoint {saved[k]!r}, config {wanted[k]!r}" for k in wanted if saved[k] != wanted[k]
-    ]
-    if differing:
-        raise ConfigError(
-            f"cannot resume {source}: the run was trained with a different setup ({'; '.join(differing)}). "
-            "Use the run's original settings, or a new train.runtime.out_dir for a new run"
-        )
-
-
-def _saved_ema_decay(ckpt: Checkpoint, source: str) -> float:
-    """The EMA decay the checkpoint's run trained with, from its saved config."""
-    train = ckpt.config.get("train")
-    runtime = train.get("runtime") if isinstance(train, Mapping) else None
-    decay = runtime.get("ema_decay") if isinstance(runtime, Mapping) else None
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise CheckpointSchemaError(f"{source}: its config lacks train.runtime.ema_decay, which a resume must keep")
-    if (decay > 0) != ckpt.has_ema:
-        raise CheckpointSchemaError(
-            f"{source}: its config says train.runtime.ema_decay = {decay}, but it "
-            f"{'holds no' if decay > 0 else 'holds'} EMA weights"
-        )
-    return float(decay)
 
 
 def _ema_init(model: GPT) -> dict[str, torch.Tensor]:

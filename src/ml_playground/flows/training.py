@@ -22,6 +22,7 @@ import secrets
 from dataclasses import dataclass
 
 from ml_playground.checkpoint import (
+    Checkpoint,
     CheckpointManager,
     KeepPolicy,
     Lease,
@@ -31,11 +32,12 @@ from ml_playground.checkpoint import (
 from ml_playground.config import ExperimentConfig, TrainConfig
 from ml_playground.errors import CheckpointNotFoundError, ConfigError, StorageUnavailableError
 from ml_playground.flows import limits
-from ml_playground.flows._loop import TrainingLoop
+from ml_playground.flows._loop import Saves, SingleFileSaves, TrainingLoop
 from ml_playground.flows.distributed import Ranks
 from ml_playground.flows.events import Event, EventSink, Note, Started, log_events
 from ml_playground.flows.preemption import Preemption
-from ml_playground.flows.train_state import TrainState, model_args_for
+from ml_playground.flows.resume import check_resumable, model_args_for, restored_randomness
+from ml_playground.flows.train_state import TrainState
 from ml_playground.workload.data import Splits, load_splits
 from ml_playground.workload.model import runtime_device
 
@@ -111,6 +113,7 @@ def _open_run(
             emit(
                 Note(f"note: {manager.store.url} has no writer lease; never run two trainers on this location at once")
             )
+            manager.remove_leftovers()  # what acquire_writer does for a store with leases
         return manager, lease
 
     def reader() -> CheckpointManager:
@@ -175,8 +178,19 @@ def _train(
     ck = rt.checkpointing
     url = manager.store.url
     chosen = ranks.on_main(lambda: manager.resume_point(ck.read_policy))
-    name = ranks.decide(ranks.observed(chosen.filename if chosen is not None else None))
-    resumed = ranks.everywhere(lambda: manager.load(name)) if name is not None else None
+    name, sharded = ranks.decide(
+        (ranks.observed(chosen.filename), chosen.sharded) if chosen is not None else (None, False)
+    )
+    strategy = rt.distributed.strategy
+    if name is not None and sharded != (strategy == "fsdp"):
+        raise ConfigError(
+            f"{url}/{name} is a {'sharded' if sharded else 'single-file'} checkpoint, written with "
+            f"train.runtime.distributed.strategy = {'fsdp' if sharded else 'ddp'!r}, and this run uses "
+            f"{strategy!r}: a run keeps its strategy. Set strategy = {'fsdp' if sharded else 'ddp'!r}"
+            + (", or write it as a single file with `ml-playground ckpt consolidate`" if sharded else "")
+        )
+    load = manager.load_manifest if sharded else manager.load
+    resumed = ranks.everywhere(lambda: load(name)) if name is not None else None
     if ck.keep.last == 0 and ck.keep.best == 0:
         emit(Note("keep.last = 0 and keep.best = 0: this run writes no checkpoints"))
     if resumed is not None and resumed.iter_num >= rt.max_iters:
@@ -190,44 +204,83 @@ def _train(
         return TrainResult(
             url, resumed.iter_num, resumed.iter_num, True, {}, resumed.best_val_loss, names, ranks.is_main
         )
-    if resumed is None:
-        state = TrainState.fresh(tc, splits, ranks.device, ranks.rank)
-    else:
-        state = TrainState.restore(tc, splits, ranks.device, resumed, source=f"{url}/{name}", rank=ranks.rank)
-        if resumed.world_size != ranks.world_size:
-            emit(
-                Note(
-                    f"note: {name} was written by {resumed.world_size} process(es) and this run has "
-                    f"{ranks.world_size}: the data order differs from an uninterrupted run's"
-                )
+    state = _state(tc, splits, manager, ranks, name, resumed)
+    if resumed is not None and resumed.world_size != ranks.world_size:
+        emit(
+            Note(
+                f"note: {name} was written by {resumed.world_size} process(es) and this run has "
+                f"{ranks.world_size}: the data order differs from an uninterrupted run's"
             )
-    if ranks.distributed:
-        state.distribute()
+        )
     start = state.iter_num
     what = f"resuming from iteration {start}" if resumed is not None else "starting a fresh run"
-    processes = f", {ranks.world_size} processes" if ranks.distributed else ""
+    processes = f", {ranks.world_size} processes" if ranks.world_size > 1 else ""
+    sharding = ", sharded (FSDP)" if strategy == "fsdp" else ""
     emit(
-        Note(f"{what} in {url} ({state.param_count():,} parameters, vocabulary of {splits.tokenizer.size}{processes})")
+        Note(
+            f"{what} in {url} ({state.param_count():,} parameters, vocabulary of {splits.tokenizer.size}"
+            f"{processes}{sharding})"
+        )
     )
-    saver = ranks.on_main(lambda: open_saver(manager, async_save=ck.async_save))
+    saves: Saves
+    if strategy == "fsdp":
+        from ml_playground.flows import fsdp  # see _state
+
+        saves = fsdp.ShardedSaver(manager, ranks, async_save=ck.async_save, timeout_s=rt.distributed.timeout_s)
+    else:
+        saves = SingleFileSaves(ranks.on_main(lambda: open_saver(manager, async_save=ck.async_save)), ranks)
     emit(Started(rt.max_iters, start))
     try:
         with Preemption(save_first=ck.save_on_sigterm) as preemption:
-            loop = TrainingLoop(config, splits, state, saver, url, ranks, emit, preemption)
+            loop = TrainingLoop(config, splits, state, saves, url, ranks, emit, preemption)
             resumed_last = name is not None and name.startswith("ckpt_last_")
             stop = loop.run(resumed=resumed is not None, resumed_last=resumed_last)
-            # an asynchronous save still in flight commits (or raises, on every rank) before we report
-            ranks.on_main(lambda: saver.close() if saver is not None else None)
+            saves.close()  # an asynchronous save still in flight commits (or raises, on every rank) before we report
     except BaseException as exc:
-        if saver is not None:
-            try:
-                saver.close()
-            except BaseException as background:  # the training error wins; the background one is attached
-                exc.add_note(f"and the background checkpoint save failed too: {background!r}")
+        try:
+            saves.close(failed=True)
+        except BaseException as background:  # the training error wins; the background one is attached
+            exc.add_note(f"and the background checkpoint save failed too: {background!r}")
         raise
     names = _names(manager) if ranks.is_main else []
     end = stop.stopped_at if stop.stopped_at is not None else rt.max_iters
     return TrainResult(url, start, end, False, stop.metrics, state.best, names, ranks.is_main, stop.stopped_at)
+
+
+def _state(
+    tc: TrainConfig,
+    splits: Splits,
+    manager: CheckpointManager,
+    ranks: Ranks,
+    name: str | None,
+    resumed: Checkpoint | None,
+) -> TrainState:
+    """The run's state: fresh or resumed, then spread over the ranks (DDP) or sharded across them (FSDP)."""
+    source = f"{manager.store.url}/{name}"
+    if tc.runtime.distributed.strategy == "fsdp":
+        # imported here: torch.distributed's FSDP and checkpoint modules take half a second, which no other
+        # command (and no DDP run) should pay
+        from ml_playground.flows import fsdp
+
+        if resumed is None:
+            state = TrainState.fresh(tc, splits, ranks.device, ranks.rank)
+        else:
+            check_resumable(tc, splits, resumed, source)
+            state = TrainState.fresh(tc, splits, ranks.device, ranks.rank)
+            state.sampler = restored_randomness(tc, splits, resumed, source, ranks.rank)
+            state.iter_num = state.start_iter = resumed.iter_num
+            state.best = resumed.best_val_loss
+        fsdp.shard(state, tc, ranks)
+        if resumed is not None and name is not None:
+            ranks.everywhere(lambda: fsdp.load_sharded(state, manager, name, resumed))
+        return state
+    if resumed is None:
+        state = TrainState.fresh(tc, splits, ranks.device, ranks.rank)
+    else:
+        state = TrainState.restore(tc, splits, ranks.device, resumed, source=source, rank=ranks.rank)
+    if ranks.distributed:
+        state.distribute()
+    return state
 
 
 def _require_training_memory(tc: TrainConfig, splits: Splits) -> None:

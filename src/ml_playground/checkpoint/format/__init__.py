@@ -5,7 +5,7 @@ package. Its top level (format version 3) is::
 
     {"format": "ml_playground.checkpoint", "format_version": 3,
      "meta": {iter_num, best_val_loss, model_args, config, data_state, world_size},
-     "model": {...}, "ema": {...} | None, "rng_state": {...}, "optimizer": {...},
+     "model": {...}, "ema": {...} | None, "rng_state": {...}, "optimizer": {...}, "shards": None | {...},
      "integrity": {"algorithm": "xxh3_64", "structure": HEX, "tensors": uint8 tensor (N, 8)}}
 
 ``integrity.tensors`` holds one digest of every tensor's bytes in traversal order; ``structure`` covers

@@ -89,16 +89,19 @@ def usable_device(map_location: MapLocation, source: str) -> torch.device | None
     return device
 
 
-def verify(data: Source, *, source: str) -> None:
+def verify(data: Source, *, source: str) -> Mapping[str, Any] | None:
     """Check the checksums of the checkpoint in ``data`` without keeping it; raises if it is damaged.
 
-    A local path is memory-mapped, so verifying costs one read of the file and no copy of it.
+    A local path is memory-mapped, so verifying costs one read of the file and no copy of it. Returns the
+    ``shards`` record of a sharded checkpoint's manifest (whose parts the caller checks), else None.
     """
     archive = Archive(data, source)
     payload = load(archive, None, isinstance(data, Path))
     check_loaded(payload, archive)
     check_header(payload, source)
     verify_sections(payload, source)
+    shards = payload.get("shards")
+    return shards if isinstance(shards, Mapping) else None
 
 
 def check_header(payload: Any, source: str) -> int:
@@ -176,6 +179,7 @@ def _to_checkpoint(payload: Payload, source: str) -> Checkpoint:
             optimizer=payload["optimizer"],
             ema=payload["ema"],
             rng_state=payload["rng_state"],
+            shards=payload.get("shards"),
             **meta,
         )
     except CheckpointSchemaError as exc:

@@ -53,6 +53,7 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes], *, destination: str = "the
         "ema": None if checkpoint.ema is None else dict(checkpoint.ema),
         "rng_state": dict(checkpoint.rng_state),
         "optimizer": dict(checkpoint.optimizer),
+        "shards": None if checkpoint.shards is None else dict(checkpoint.shards),
     }
     tensors = [tensor for _, _, tensor in _digests.tensors(body)]
     with _DigestThread(tensors, destination) as digests, contextlib.ExitStack() as crc_off:

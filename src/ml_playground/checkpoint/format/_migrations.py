@@ -60,7 +60,7 @@ def _v2_to_v3(payload: Payload) -> Payload:
     if not isinstance(meta, dict):
         return {**payload, "format_version": 3}
     old_body = {key: value for key, value in payload.items() if key != "integrity"}
-    body = {**old_body, "format_version": 3, "meta": {**meta, "world_size": 1}}
+    body = {**old_body, "format_version": 3, "meta": {**meta, "world_size": 1}, "shards": None}
     stored = payload["integrity"]
     if not isinstance(stored, dict):
         return {**body, "integrity": stored}

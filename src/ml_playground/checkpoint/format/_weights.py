@@ -172,10 +172,6 @@ def _to_weights(payload: Mapping[str, Any], source: str, device: torch.device) -
         copies: dict[int, torch.UntypedStorage] = {}
         model, ema = (on_device(state, device, copies) for state in (model, ema))
     try:
-        return ModelWeights(
-            model=model,
-            ema=ema,
-            **meta,
-        )
+        return ModelWeights(model=model, ema=ema, shards=payload.get("shards"), **meta)
     except CheckpointSchemaError as exc:
         raise CheckpointSchemaError(f"{source}: {exc}") from None
