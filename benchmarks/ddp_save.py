@@ -64,15 +64,20 @@ def main() -> None:
     randomness = {"torch": torch.get_rng_state(), "data": torch.Generator().manual_seed(ranks.rank).get_state()}
     times: dict[str, list[float]] = {"single": [], "ddp": [], "agreement": [], "evaluation point": []}
     stalls: list[list[float]] = []
+    waiting_cpu: dict[str, list[float]] = {"single": [], "ddp": [], "agreement": []}
     for rep in range(args.reps):
         for mode in ("single", "ddp", "agreement") if rep % 2 == 0 else ("agreement", "ddp", "single"):
             target = _directory(args.dir, f"{mode}-{rep}") if ranks.is_main else args.dir
             manager = CheckpointManager(LocalStore(target, create=True), KeepPolicy(1, 0)) if ranks.is_main else None
             dist.barrier()
             if mode == "single":
+                cpu = time.process_time()
                 if manager is not None and checkpoint is not None:
                     times[mode].append(_timed(lambda: manager.save_last(checkpoint)))  # noqa: B023
+                dist.barrier()  # the other ranks wait here while rank 0 saves
+                waiting_cpu["single"].append(time.process_time() - cpu)
                 continue
+            cpu = time.process_time()
             start = time.perf_counter()
             gathered = ranks.gather(randomness)
             if mode == "ddp":
@@ -80,6 +85,7 @@ def main() -> None:
             else:
                 ranks.on_main(lambda: None)
             elapsed = time.perf_counter() - start
+            waiting_cpu[mode].append(time.process_time() - cpu)
             every = [0.0] * ranks.world_size
             dist.all_gather_object(every, elapsed)
             if ranks.is_main:
@@ -111,7 +117,12 @@ def main() -> None:
             f"agreement per save (gather + outcome broadcast): {per_save * 1000:.2f} ms min; "
             f"per evaluation point (2 broadcasts): {min(times['evaluation point']) * 1000:.2f} ms min"
         )
+    every_cpu: list[dict[str, list[float]]] = [{}] * ranks.world_size
+    dist.all_gather_object(every_cpu, waiting_cpu)
     if ranks.is_main:
+        for rank in range(1, ranks.world_size):
+            spent = ", ".join(f"{mode} {statistics.median(cpu) * 1000:.0f} ms" for mode, cpu in every_cpu[rank].items())
+            print(f"rank {rank}'s CPU time while rank 0 saves (median): {spent}")
         shutil.rmtree(args.dir, ignore_errors=True)
     ranks.close()
 
