@@ -8,6 +8,9 @@ Each behaviour relied on here has a test of its own that names it when a torch v
 - ``torch.utils.serialization.config.load.calculate_storage_offsets``: a memory-mapped load then
   computes every storage's offset and reads no other record's local header (``load_mapped``);
 - a memory-mapped load's storages lie at increasing addresses in the order of their records;
+- ``torch.serialization.skip_data`` (thread-local) makes ``torch.load`` allocate every storage at its size
+  without reading its record, and ``torch.save`` numbers storages in the order its pickler first meets
+  them, the order of ``_tree.walk`` (``load_unread``, ``_reader``);
 - ``torch.save`` writes an uncompressed record in one ``write`` call, straight from the tensor's bytes
   (``_encode``'s digest placeholder).
 """
@@ -35,7 +38,16 @@ from ml_playground.errors import (
     UnsafeCheckpointError,
 )
 
-__all__ = ["MapLocation", "crc32_off", "first_line", "load", "load_mapped", "on_device", "with_storages"]
+__all__ = [
+    "MapLocation",
+    "crc32_off",
+    "first_line",
+    "load",
+    "load_mapped",
+    "load_unread",
+    "on_device",
+    "with_storages",
+]
 
 MapLocation = torch.device | str | None
 
@@ -101,6 +113,17 @@ def load_mapped(archive: Archive) -> Any:
     switch = serialization_config.patch({"load.calculate_storage_offsets": True})  # type: ignore[attr-defined]
     with _OFFSETS_SWITCH, switch:
         return load(archive, "cpu", True)
+
+
+def load_unread(archive: Archive, map_location: MapLocation) -> Any:
+    """``load`` with every storage allocated at its size and none of its bytes read.
+
+    The tree, each tensor's dtype, shape, strides and storage offset, and which tensors share a storage
+    are ``torch.load``'s own; the ``data/<key>`` records are not read (``torch.serialization.skip_data``,
+    a thread-local switch). The storages' memory is fresh and untouched: a reader fills it (``_reader``).
+    """
+    with torch.serialization.skip_data():
+        return load(archive, map_location, False)
 
 
 def _check_magic(data: Path | IO[bytes], source: str) -> None:

@@ -14,6 +14,7 @@ and coalesces ranges. It does no I/O but reading the local file it is given.
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import struct
 import sys
@@ -27,7 +28,18 @@ import torch
 
 from ml_playground.errors import CheckpointCorruptError, CheckpointError
 
-__all__ = ["TAIL", "Archive", "Record", "coalesce", "data_offset", "directory_start", "header_range", "match_storages"]
+__all__ = [
+    "LOCAL_HEADER_SIZE",
+    "TAIL",
+    "Archive",
+    "Record",
+    "coalesce",
+    "data_offset",
+    "data_start",
+    "directory_start",
+    "header_range",
+    "match_storages",
+]
 
 TAIL = 64 * 2**10
 """Bytes fetched from the end first: the EOCD, and the whole directory of a checkpoint of ~500 tensors."""
@@ -36,7 +48,7 @@ _EOCD = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP64_EOCD = b"PK\x06\x06"
 _LOCAL_HEADER = b"PK\x03\x04"
-_LOCAL_HEADER_SIZE = 30
+LOCAL_HEADER_SIZE = 30
 _HEADER_SLACK = 4 + 20 + 64  # torch's alignment-padding field, a zip64 field, the default alignment
 _STORAGE_NAME = re.compile(r"^[^/]+/data/(\d+)$")
 
@@ -60,22 +72,26 @@ class Record:
 def directory_start(path: Path, size: int, source: str) -> int:
     """The central directory's offset, from the EOCD (and zip64) records within the file's last ``TAIL`` bytes."""
     with path.open("rb") as handle:
-        start = max(0, size - TAIL)
-        handle.seek(start)
-        tail = handle.read()
-        # torch writes no archive comment, so the EOCD ends the file; search only if it does not
-        at = len(tail) - 22 if tail[-22:-18] == _EOCD else tail.rfind(_EOCD)
-        if at < 0 or len(tail) - at < 22:
-            raise CheckpointCorruptError(f"{source} is not a zip archive (no end of central directory)")
-        (offset,) = struct.unpack_from("<I", tail, at + 16)
-        if offset != 0xFFFFFFFF:
-            return _within(int(offset), size, source)
-        locator = at - 20
-        if locator < 0 or tail[locator : locator + 4] != _ZIP64_LOCATOR:
-            raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
-        (record,) = struct.unpack_from("<Q", tail, locator + 8)
-        handle.seek(record)
-        zip64 = handle.read(56)
+        return _directory_start(handle, size, source)
+
+
+def _directory_start(handle: IO[bytes], size: int, source: str) -> int:
+    start = max(0, size - TAIL)
+    handle.seek(start)
+    tail = handle.read(size - start)
+    # torch writes no archive comment, so the EOCD ends the file; search only if it does not
+    at = len(tail) - 22 if tail[-22:-18] == _EOCD else tail.rfind(_EOCD)
+    if at < 0 or len(tail) - at < 22:
+        raise CheckpointCorruptError(f"{source} is not a zip archive (no end of central directory)")
+    (offset,) = struct.unpack_from("<I", tail, at + 16)
+    if offset != 0xFFFFFFFF:
+        return _within(int(offset), size, source)
+    locator = at - 20
+    if locator < 0 or tail[locator : locator + 4] != _ZIP64_LOCATOR:
+        raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
+    (record,) = struct.unpack_from("<Q", tail, locator + 8)
+    handle.seek(record)
+    zip64 = handle.read(56)
     if zip64[:4] != _ZIP64_EOCD:
         raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
     (offset,) = struct.unpack_from("<Q", zip64, 48)
@@ -120,6 +136,11 @@ class Archive:
             raise CheckpointCorruptError(f"{self.source} has a zip directory whose records overlap or lie past its end")
         return records
 
+    def directory_start(self) -> int:
+        """The central directory's offset (for :meth:`records`), read from the end of the archive."""
+        with self._handle() as handle:
+            return _directory_start(handle, handle.seek(0, io.SEEK_END), self.source)
+
     def check_storage_alignment(self) -> None:
         """The ``.storage_alignment`` record must read as a positive integer.
 
@@ -148,6 +169,11 @@ class Archive:
                 f"one is {sys.byteorder}-endian: {what}. Load it whole with verify=False (torch swaps its bytes)."
             )
 
+    def native_byte_order(self) -> bool:
+        """False if the ``byteorder`` record names the other byte order (torch would swap the bytes on loading)."""
+        order = self._small_record("/byteorder")
+        return order is None or order == sys.byteorder.encode()
+
     def _small_record(self, suffix: str) -> bytes | None:
         """The first 64 bytes of the member whose name ends with ``suffix``; None if there is none, or if the
         directory is unreadable (the load that follows reports that). Read past zipfile, whose CRC check would
@@ -161,13 +187,13 @@ class Archive:
             return None
         with self._handle() as handle:
             handle.seek(info.header_offset)
-            header = handle.read(_LOCAL_HEADER_SIZE)
-            if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
+            header = handle.read(LOCAL_HEADER_SIZE)
+            if len(header) < LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
                 raise CheckpointCorruptError(
                     f"{self.source} is damaged: the zip record {info.filename} has no local header"
                 )
             name_length, extra_length = struct.unpack_from("<HH", header, 26)
-            handle.seek(info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length)
+            handle.seek(info.header_offset + LOCAL_HEADER_SIZE + name_length + extra_length)
             return handle.read(min(info.file_size, 64))
 
     @contextlib.contextmanager
@@ -187,7 +213,7 @@ class Archive:
 def header_range(record: Record) -> tuple[int, int]:
     """Bytes that hold ``record``'s local header in a file written by ``torch.save`` (its usual padding)."""
     return record.header_offset, min(
-        record.end, record.header_offset + _LOCAL_HEADER_SIZE + len(record.name) + _HEADER_SLACK
+        record.end, record.header_offset + LOCAL_HEADER_SIZE + len(record.name) + _HEADER_SLACK
     )
 
 
@@ -195,11 +221,15 @@ def data_offset(path: Path, record: Record, source: str) -> int:
     """Where ``record``'s data starts, read from the fixed part of its local header (its first 30 bytes)."""
     with path.open("rb") as handle:
         handle.seek(record.header_offset)
-        header = handle.read(_LOCAL_HEADER_SIZE)
-    if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
+        return data_start(record, handle.read(LOCAL_HEADER_SIZE), source)
+
+
+def data_start(record: Record, header: bytes, source: str) -> int:
+    """Where ``record``'s data starts, from ``header``, the first ``LOCAL_HEADER_SIZE`` bytes of its local header."""
+    if len(header) < LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
         raise CheckpointCorruptError(f"{source} is damaged: the zip record {record.name} has no local header")
     name_length, extra_length = struct.unpack_from("<HH", header, 26)
-    offset: int = record.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
+    offset: int = record.header_offset + LOCAL_HEADER_SIZE + name_length + extra_length
     if offset + record.size > record.end:
         raise CheckpointCorruptError(f"{source} is damaged: the zip record {record.name} overlaps the next one")
     return offset

@@ -1,0 +1,167 @@
+"""Our reader of tensor bytes (``format/_reader.py``): what verified full and weights-only loads read through.
+
+It must fill every storage with exactly the bytes ``torch.load`` puts there, keep torch's sharing, views
+and offsets, compute the digest ``tensor_digest`` computes for every tensor (however the pieces it reads
+cut across tensors), and turn a short file or a failing thread into an error naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ml_playground.checkpoint import Checkpoint, decode, encode
+from ml_playground.checkpoint.format import TENSOR_SECTIONS, _digests, _reader
+from ml_playground.checkpoint.format._decode import checked_structure
+from ml_playground.checkpoint.format._torch import load_unread
+from ml_playground.checkpoint.format._zip_layout import Archive
+from ml_playground.errors import CheckpointCorruptError
+from tests.conftest import assert_same_checkpoint, awkward_checkpoint, make_checkpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Checkpoint, Path]:
+    checkpoint = awkward_checkpoint(make_checkpoint(width=16))
+    path = tmp_path / "ckpt.pt"
+    with path.open("wb") as handle:
+        encode(checkpoint, handle)
+    return checkpoint, path
+
+
+def _planned(archive: Archive) -> tuple[Any, list[tuple[str, str, torch.Tensor]], _reader.Plan]:
+    payload = load_unread(archive, None)
+    tensors = checked_structure(payload, archive.source)
+    plan = _reader.plan(archive, payload, tensors, read=None, hashed=TENSOR_SECTIONS)
+    assert plan is not None
+    return payload, tensors, plan
+
+
+def _storage_groups(tensors: list[tuple[str, str, torch.Tensor]]) -> list[list[int]]:
+    """Which tensors (by index) share a non-empty storage."""
+    groups: dict[int, list[int]] = {}
+    for index, (_, _, tensor) in enumerate(tensors):
+        if tensor.untyped_storage().nbytes():
+            groups.setdefault(tensor.untyped_storage().data_ptr(), []).append(index)
+    return sorted(groups.values())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("piece", [40, 1 << 20], ids=["40-byte-pieces", "1MiB-pieces"])
+@pytest.mark.parametrize("kind", ["path", "stream"])
+def test_the_reader_fills_every_storage_as_torch_load_does_and_hashes_every_tensor(
+    saved: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch, threads: int, piece: int, kind: str
+) -> None:
+    # 40-byte pieces cut through tensors, views and runs; PARALLEL_BYTES 0 lets a second thread read
+    monkeypatch.setattr(_reader, "PIECE", piece)
+    monkeypatch.setattr(_reader, "PARALLEL_BYTES", 0)
+    _, path = saved
+    data: Path | io.BytesIO = path if kind == "path" else io.BytesIO(path.read_bytes())
+    archive = Archive(data, "ckpt")
+    with _reader.opened(archive) as source:
+        assert source is not None
+        payload, tensors, plan = _planned(archive)
+        digests = plan.read(source, threads=threads)
+    plain = torch.load(path, weights_only=True)
+    expected = list(_digests.tensors({key: value for key, value in plain.items() if key != "integrity"}))
+    assert [(s, p) for s, p, _ in tensors] == [(s, p) for s, p, _ in expected]
+    for (_, where, ours), (_, _, theirs), digest in zip(tensors, expected, digests, strict=True):
+        assert torch.equal(ours, theirs), where
+        assert (ours.dtype, ours.stride(), ours.storage_offset()) == (
+            theirs.dtype,
+            theirs.stride(),
+            theirs.storage_offset(),
+        )
+        assert digest == _digests.tensor_digest(theirs), where
+    assert _storage_groups(tensors) == _storage_groups(expected)
+    assert torch.equal(payload["integrity"]["tensors"], plain["integrity"]["tensors"])
+
+
+def test_verified_loads_of_a_path_and_of_a_stream_go_through_the_reader(
+    saved: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint, path = saved
+    reads: list[int] = []
+    read = _reader.Plan.read
+
+    def counted(self: _reader.Plan, data: _reader.Bytes, *, threads: int = 2) -> list[bytes | None]:
+        reads.append(1)
+        return read(self, data, threads=threads)
+
+    monkeypatch.setattr(_reader.Plan, "read", counted)
+    assert_same_checkpoint(decode(path, source="ckpt"), checkpoint)
+    assert_same_checkpoint(decode(io.BytesIO(path.read_bytes()), source="ckpt"), checkpoint)
+    assert len(reads) == 2
+    decode(path, source="ckpt", verify=False)  # torch.load reads unverified loads, as before
+    decode(path, source="ckpt", mmap=True, verify=False)
+    assert len(reads) == 2
+
+
+def test_a_flipped_byte_is_found_in_whichever_piece_it_lies(saved: tuple[Checkpoint, Path]) -> None:
+    checkpoint, path = saved
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(checkpoint.model["grid"].numpy().tobytes()) + 4 * 23  # grid's last float: the tail
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=r"ckpt is damaged: the bytes of tensor model\.grid do not"):
+        decode(path, source="ckpt")
+
+
+def test_a_compressed_storage_record_is_left_to_torch_load(saved: tuple[Checkpoint, Path], tmp_path: Path) -> None:
+    # torch.load reads deflated records; this reader reads bytes as they lie, so it steps aside
+    checkpoint, path = saved
+    deflated = tmp_path / "deflated.pt"
+    blob = path.read_bytes()
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for info in source.infolist():  # read past zipfile: our records' CRC fields are 0
+            name_length, extra_length = struct.unpack_from("<HH", blob, info.header_offset + 26)
+            start = info.header_offset + 30 + name_length + extra_length
+            out.writestr(info.filename, blob[start : start + info.file_size])
+    archive = Archive(deflated, "deflated")
+    payload = load_unread(archive, None)
+    assert _reader.plan(archive, payload, checked_structure(payload, "x"), read=None, hashed=()) is None
+    assert_same_checkpoint(decode(deflated, source="deflated"), checkpoint)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_file_cut_while_it_is_read_is_corrupt(
+    saved: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    monkeypatch.setattr(_reader, "PIECE", 40)
+    monkeypatch.setattr(_reader, "PARALLEL_BYTES", 0)
+    checkpoint, path = saved
+    inside = path.read_bytes().index(checkpoint.optimizer["state"][1]["exp_avg"].numpy().tobytes()) + 50
+    archive = Archive(path, "ckpt")
+    with _reader.opened(archive) as source:
+        assert source is not None
+        _, _, plan = _planned(archive)
+        with path.open("r+b") as handle:
+            handle.truncate(inside)  # the open file shrinks under the reader
+        with pytest.raises(
+            CheckpointCorruptError, match=r"ckpt is truncated: (the data of|it ends before) its zip record"
+        ):
+            plan.read(source, threads=threads)
+
+
+def test_a_failure_in_the_helper_thread_stops_the_reading_and_is_raised() -> None:
+    done: list[int] = []
+
+    def work(item: int, stop: threading.Event) -> None:
+        if item == 0:  # whichever thread took it waits until the other one has failed
+            assert stop.wait(10)
+            return
+        if item == 1:
+            raise OSError(5, "Input/output error")
+        done.append(item)
+
+    with pytest.raises(OSError, match="Input/output error"):
+        _reader._share(list(range(6)), work, 2)  # type: ignore[arg-type]
+    assert done == []  # nothing was taken after the failure
