@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ml_playground.checkpoint.format._torch import crc32_off, load_mapped
+from ml_playground.checkpoint._tree import tensors_in
+from ml_playground.checkpoint.format._torch import crc32_off, load_mapped, load_unread
 from ml_playground.checkpoint.format._zip_layout import Archive, data_offset, directory_start, match_storages
 
 BROKEN = f"torch {torch.__version__} broke an assumption of ml_playground.checkpoint.format: "
@@ -106,4 +107,69 @@ def test_a_mapped_loads_storages_lie_in_record_order_at_their_data_offsets(tmp_p
     assert all(pointer - base == data_offset(path, record, str(path)) for pointer, record in by_pointer.items()), (
         BROKEN + "a memory-mapped load maps the file once, so each storage lies at its record's data offset, "
         "in the order of the records"
+    )
+
+
+def test_skip_data_loads_allocate_every_storage_and_read_no_storage_record(tmp_path: Path) -> None:
+    # our reader fills the storages of a skip_data load itself (_torch.load_unread, _reader)
+    payload = {**_payload(), "tied": None, "view": None}
+    payload["tied"], payload["view"] = payload["b"], payload["c"][1:]
+    path = tmp_path / "full.pt"
+    torch.save(payload, path)
+    raw = bytearray(path.read_bytes())
+    for info in zipfile.ZipFile(path).infolist():  # every storage record, header and data, becomes a hole
+        if "/data/" in info.filename:
+            raw[info.header_offset : info.header_offset + 30 + len(info.filename) + info.file_size] = bytes(
+                30 + len(info.filename) + info.file_size
+            )
+    holes = tmp_path / "holes.pt"
+    holes.write_bytes(raw)
+    loaded = load_unread(Archive(holes, str(holes)), None)
+    plain = torch.load(path, weights_only=True)
+    for key, tensor in plain.items():
+        got = loaded[key]
+        assert (got.dtype, got.shape, got.stride(), got.storage_offset()) == (
+            tensor.dtype,
+            tensor.shape,
+            tensor.stride(),
+            tensor.storage_offset(),
+        ), BROKEN + f"a load under torch.serialization.skip_data rebuilds {key} as torch.load does"
+        assert got.untyped_storage().nbytes() == tensor.untyped_storage().nbytes()
+        assert got.device.type == "cpu"
+    assert loaded["tied"].data_ptr() == loaded["b"].data_ptr(), BROKEN + "skip_data loads keep shared storages shared"
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["c"].untyped_storage().data_ptr()
+    assert len({loaded[key].untyped_storage().data_ptr() for key in "abc"}) == 3
+
+
+def test_torch_save_numbers_storages_in_the_order_the_tree_walk_meets_them(tmp_path: Path) -> None:
+    # our reader pairs the i-th distinct storage of the walk with record data/i (_reader.plan)
+    grid = torch.arange(24.0).reshape(4, 6)
+    payload = {
+        "z": {"late": grid[1:], "scalar": torch.tensor(2.0)},
+        "a": [torch.empty(0), grid.t(), (torch.ones(3, dtype=torch.int16), grid)],
+        "m": {"tied": grid, 5: torch.arange(7)},
+    }
+    path = tmp_path / "order.pt"
+    torch.save(payload, path)
+    blob = path.read_bytes()
+    records = {}
+    for info in zipfile.ZipFile(path).infolist():
+        if "/data/" in info.filename:
+            name_length, extra_length = (
+                int.from_bytes(blob[info.header_offset + 26 : info.header_offset + 28], "little"),
+                int.from_bytes(blob[info.header_offset + 28 : info.header_offset + 30], "little"),
+            )
+            start = info.header_offset + 30 + name_length + extra_length
+            records[int(info.filename.rsplit("/", 1)[1])] = blob[start : start + info.file_size]
+    walked: list[bytes] = []
+    seen: set[int] = set()
+    for _, tensor in tensors_in(torch.load(path, weights_only=True)):
+        storage = tensor.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            walked.append(bytes(storage))
+    stored = [records[key] for key in sorted(records) if records[key]]
+    assert walked == stored, (
+        BROKEN + "torch.save numbers storages in the order its pickler first meets them, which is the order of "
+        "ml_playground's tree walk (dict items in order, depth first)"
     )

@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import os
 import threading
 import zipfile
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 import xxhash
 
-from ml_playground.checkpoint._tree import tensors_in
+from ml_playground.checkpoint._tree import walk
 from ml_playground.checkpoint.format import _digests
 from ml_playground.checkpoint.format._zip_layout import LOCAL_HEADER_SIZE, Archive, Record, data_start
 from ml_playground.errors import CheckpointCorruptError, CheckpointNotFoundError, StorageError
@@ -69,12 +70,7 @@ class Bytes:
             return os.preadv(self.fd, [view], offset)
         assert self.stream is not None
         self.stream.seek(offset)
-        readinto = getattr(self.stream, "readinto", None)
-        if readinto is not None:
-            return int(readinto(view) or 0)
-        data = self.stream.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        return cast(io.RawIOBase, self.stream).readinto(view) or 0  # every stream a store hands out has it
 
 
 @contextlib.contextmanager
@@ -157,7 +153,7 @@ def plan(
     seen: set[int] = set()
     wanted: set[int] = set()
     for section, value in payload.items():
-        for _, tensor in tensors_in(value, str(section)):
+        for tensor in (node.value for node in walk(value) if isinstance(node.value, torch.Tensor)):
             if not _plain(tensor):
                 return None
             storage = tensor.untyped_storage()
@@ -220,8 +216,10 @@ class Plan:
         """Fill every planned storage from ``data`` and return the digests; raises on a short or unreadable file."""
         total = sum(item.record.size for item in self._reads)
         workers = threads if data.parallel and total >= PARALLEL_BYTES and _cpus() >= 2 else 1
+        # alone: in file order (a stream reads on); with a helper: the largest first, so neither waits long at the end
+        order = self._reads if workers == 1 else sorted(self._reads, key=lambda item: -item.record.size)
         try:
-            _share(self._reads, lambda item, stop: self._read_one(data, item, stop), workers)
+            _share(order, lambda item, stop: self._read_one(data, item, stop), workers)
         except OSError as exc:
             raise StorageError(f"cannot read {self._source}: {exc.strerror or exc}") from None
         return self.digests
