@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ml_playground.checkpoint._tree import tensors_in
-from ml_playground.checkpoint.format._torch import crc32_off, load_mapped, load_unread
-from ml_playground.checkpoint.format._zip_layout import Archive, data_offset, directory_start, match_storages
+from ml_playground.checkpoint.format._torch import crc32_off, load_unread
+from ml_playground.checkpoint.format._zip_layout import Archive
 
 BROKEN = f"torch {torch.__version__} broke an assumption of ml_playground.checkpoint.format: "
 
@@ -78,36 +79,9 @@ def test_torch_writes_an_uncompressed_record_in_one_write_of_the_tensors_bytes()
     )
 
 
-def test_the_offset_switch_makes_a_mapped_load_compute_offsets_without_local_headers(tmp_path: Path) -> None:
-    # weights-only loads from a sparse copy rely on it: other records' local headers are holes (_torch.load_mapped)
-    path = tmp_path / "full.pt"
-    torch.save(_payload(), path)
-    raw = bytearray(path.read_bytes())
-    for info in zipfile.ZipFile(path).infolist():
-        if "/data/" in info.filename and not info.filename.endswith("/data/0"):
-            raw[info.header_offset : info.header_offset + 30] = bytes(30)  # what a hole reads as
-    holes = tmp_path / "holes.pt"
-    holes.write_bytes(raw)
-    loaded = load_mapped(Archive(holes, str(holes)))
-    assert all(torch.equal(loaded[key], value) for key, value in _payload().items()), (
-        BROKEN + "with torch.utils.serialization.config.load.calculate_storage_offsets, torch.load(mmap=True) "
-        "computes every storage's offset and reads no local header but data/0's"
-    )
-
-
-def test_a_mapped_loads_storages_lie_in_record_order_at_their_data_offsets(tmp_path: Path) -> None:
-    # weights-only loads tie each mapped storage to its zip record by address (_zip_layout.match_storages)
-    path = tmp_path / "full.pt"
-    torch.save(_payload(), path)
-    archive = Archive(path, str(path))
-    records = archive.records(directory_start(path, path.stat().st_size, str(path)))
-    loaded = load_mapped(archive)
-    by_pointer = match_storages((t.untyped_storage() for t in loaded.values()), records, str(path))
-    base = min(by_pointer) - data_offset(path, by_pointer[min(by_pointer)], str(path))
-    assert all(pointer - base == data_offset(path, record, str(path)) for pointer, record in by_pointer.items()), (
-        BROKEN + "a memory-mapped load maps the file once, so each storage lies at its record's data offset, "
-        "in the order of the records"
-    )
+def _data_start(blob: bytes | bytearray, info: zipfile.ZipInfo) -> int:
+    name_length, extra_length = struct.unpack_from("<HH", blob, info.header_offset + 26)
+    return int(info.header_offset + 30 + name_length + extra_length)
 
 
 def test_skip_data_loads_allocate_every_storage_and_read_no_storage_record(tmp_path: Path) -> None:
@@ -119,9 +93,8 @@ def test_skip_data_loads_allocate_every_storage_and_read_no_storage_record(tmp_p
     raw = bytearray(path.read_bytes())
     for info in zipfile.ZipFile(path).infolist():  # every storage record, header and data, becomes a hole
         if "/data/" in info.filename:
-            raw[info.header_offset : info.header_offset + 30 + len(info.filename) + info.file_size] = bytes(
-                30 + len(info.filename) + info.file_size
-            )
+            end = _data_start(raw, info) + info.file_size
+            raw[info.header_offset : end] = bytes(end - info.header_offset)
     holes = tmp_path / "holes.pt"
     holes.write_bytes(raw)
     loaded = load_unread(Archive(holes, str(holes)), None)
@@ -155,11 +128,7 @@ def test_torch_save_numbers_storages_in_the_order_the_tree_walk_meets_them(tmp_p
     records = {}
     for info in zipfile.ZipFile(path).infolist():
         if "/data/" in info.filename:
-            name_length, extra_length = (
-                int.from_bytes(blob[info.header_offset + 26 : info.header_offset + 28], "little"),
-                int.from_bytes(blob[info.header_offset + 28 : info.header_offset + 30], "little"),
-            )
-            start = info.header_offset + 30 + name_length + extra_length
+            start = _data_start(blob, info)
             records[int(info.filename.rsplit("/", 1)[1])] = blob[start : start + info.file_size]
     walked: list[bytes] = []
     seen: set[int] = set()

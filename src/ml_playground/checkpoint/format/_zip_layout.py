@@ -6,9 +6,8 @@ A checkpoint is an uncompressed zip::
 
 Each storage is one ``data/<key>`` record, written in key order, i.e. in the order the pickle first
 meets it. This module reads the directory (the stdlib ``zipfile`` reads only the end of a file for
-it, so a sparse file that holds the tail is enough), says which byte ranges hold the metadata
-records and a record's local header, ties the storages of a memory-mapped load to their records,
-and coalesces ranges. It does no I/O but reading the local file it is given.
+it, so a sparse file that holds the tail is enough), says where each record and its data lie, and
+coalesces ranges. It does no I/O but reading the local file or stream it is given.
 """
 
 from __future__ import annotations
@@ -19,12 +18,10 @@ import re
 import struct
 import sys
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
-
-import torch
 
 from ml_playground.errors import CheckpointCorruptError, CheckpointError
 
@@ -34,11 +31,8 @@ __all__ = [
     "Archive",
     "Record",
     "coalesce",
-    "data_offset",
     "data_start",
     "directory_start",
-    "header_range",
-    "match_storages",
 ]
 
 TAIL = 64 * 2**10
@@ -49,7 +43,6 @@ _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP64_EOCD = b"PK\x06\x06"
 _LOCAL_HEADER = b"PK\x03\x04"
 LOCAL_HEADER_SIZE = 30
-_HEADER_SLACK = 4 + 20 + 64  # torch's alignment-padding field, a zip64 field, the default alignment
 _STORAGE_NAME = re.compile(r"^[^/]+/data/(\d+)$")
 
 
@@ -210,20 +203,6 @@ class Archive:
             self.data.seek(start)
 
 
-def header_range(record: Record) -> tuple[int, int]:
-    """Bytes that hold ``record``'s local header in a file written by ``torch.save`` (its usual padding)."""
-    return record.header_offset, min(
-        record.end, record.header_offset + LOCAL_HEADER_SIZE + len(record.name) + _HEADER_SLACK
-    )
-
-
-def data_offset(path: Path, record: Record, source: str) -> int:
-    """Where ``record``'s data starts, read from the fixed part of its local header (its first 30 bytes)."""
-    with path.open("rb") as handle:
-        handle.seek(record.header_offset)
-        return data_start(record, handle.read(LOCAL_HEADER_SIZE), source)
-
-
 def data_start(record: Record, header: bytes, source: str) -> int:
     """Where ``record``'s data starts, from ``header``, the first ``LOCAL_HEADER_SIZE`` bytes of its local header."""
     if len(header) < LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
@@ -233,25 +212,6 @@ def data_start(record: Record, header: bytes, source: str) -> int:
     if offset + record.size > record.end:
         raise CheckpointCorruptError(f"{source} is damaged: the zip record {record.name} overlaps the next one")
     return offset
-
-
-def match_storages(
-    storages: Iterable[torch.UntypedStorage], records: Sequence[Record], source: str
-) -> dict[int, Record]:
-    """The record of every non-empty storage of a memory-mapped load, keyed by ``data_ptr()``.
-
-    Storages and records both lie in key order in the file, so sorting the distinct storages by
-    address and the storage records by offset pairs them; every pair must agree on the size, or the
-    load raises instead of fetching the wrong bytes.
-    """
-    sizes = {storage.data_ptr(): storage.nbytes() for storage in storages if storage.nbytes() > 0}
-    stored = [record for record in records if record.storage_key is not None and record.size > 0]
-    pointers = sorted(sizes)
-    if len(pointers) != len(stored) or any(sizes[ptr] != rec.size for ptr, rec in zip(pointers, stored, strict=False)):
-        raise CheckpointCorruptError(
-            f"{source}: its tensors do not match its zip records ({len(pointers)} storages, {len(stored)} records)"
-        )
-    return dict(zip(pointers, stored, strict=True))
 
 
 def coalesce(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
