@@ -45,6 +45,11 @@ def _planned(archive: Archive) -> tuple[Any, list[tuple[str, str, torch.Tensor]]
     return payload, tensors, plan
 
 
+def _data_start(blob: bytes, info: zipfile.ZipInfo) -> int:
+    name_length, extra_length = struct.unpack_from("<HH", blob, info.header_offset + 26)
+    return int(info.header_offset + 30 + name_length + extra_length)
+
+
 def _storage_groups(tensors: list[tuple[str, str, torch.Tensor]]) -> list[list[int]]:
     """Which tensors (by index) share a non-empty storage."""
     groups: dict[int, list[int]] = {}
@@ -122,8 +127,7 @@ def test_a_compressed_storage_record_is_left_to_torch_load(saved: tuple[Checkpoi
     blob = path.read_bytes()
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as out:
         for info in source.infolist():  # read past zipfile: our records' CRC fields are 0
-            name_length, extra_length = struct.unpack_from("<HH", blob, info.header_offset + 26)
-            start = info.header_offset + 30 + name_length + extra_length
+            start = _data_start(blob, info)
             out.writestr(info.filename, blob[start : start + info.file_size])
     archive = Archive(deflated, "deflated")
     payload = load_unread(archive, None)
@@ -132,22 +136,34 @@ def test_a_compressed_storage_record_is_left_to_torch_load(saved: tuple[Checkpoi
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("cut", "error"),
+    [
+        (
+            "inside the last record's data",
+            r"ckpt is truncated: the data of its zip record .*/data/\d+ ends 4 bytes early",
+        ),
+        ("before a record's header", r"ckpt is truncated: it ends before its zip record .*/data/\d+$"),
+    ],
+)
 def test_a_file_cut_while_it_is_read_is_corrupt(
-    saved: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch, threads: int
+    saved: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch, threads: int, cut: str, error: str
 ) -> None:
     monkeypatch.setattr(_reader, "PIECE", 40)
     monkeypatch.setattr(_reader, "PARALLEL_BYTES", 0)
-    checkpoint, path = saved
-    inside = path.read_bytes().index(checkpoint.optimizer["state"][1]["exp_avg"].numpy().tobytes()) + 50
+    _, path = saved
+    with zipfile.ZipFile(path) as archive:
+        storages = [info for info in archive.infolist() if "/data/" in info.filename]
+    blob = path.read_bytes()
+    last = storages[-1]  # the integrity record's digests: the last bytes any storage needs
+    length = _data_start(blob, last) + last.file_size - 4 if cut.startswith("inside") else last.header_offset + 10
     archive = Archive(path, "ckpt")
     with _reader.opened(archive) as source:
         assert source is not None
         _, _, plan = _planned(archive)
         with path.open("r+b") as handle:
-            handle.truncate(inside)  # the open file shrinks under the reader
-        with pytest.raises(
-            CheckpointCorruptError, match=r"ckpt is truncated: (the data of|it ends before) its zip record"
-        ):
+            handle.truncate(length)  # the open file shrinks under the reader
+        with pytest.raises(CheckpointCorruptError, match=error):
             plan.read(source, threads=threads)
 
 
