@@ -216,10 +216,8 @@ class Plan:
         """Fill every planned storage from ``data`` and return the digests; raises on a short or unreadable file."""
         total = sum(item.record.size for item in self._reads)
         workers = threads if data.parallel and total >= PARALLEL_BYTES and _cpus() >= 2 else 1
-        # alone: in file order (a stream reads on); with a helper: the largest first, so neither waits long at the end
-        order = self._reads if workers == 1 else sorted(self._reads, key=lambda item: -item.record.size)
-        try:
-            _share(order, lambda item, stop: self._read_one(data, item, stop), workers)
+        try:  # in file order: from a cold page cache the disk then reads ahead for both threads
+            _share(self._reads, lambda item, stop: self._read_one(data, item, stop), workers)
         except OSError as exc:
             raise StorageError(f"cannot read {self._source}: {exc.strerror or exc}") from None
         return self.digests
