@@ -1,10 +1,15 @@
 """Local loads side by side in one process (issue 16; issue 6's target 2): an A/B that drift hits alike.
 
 Like ``save_ab.py``: one process, the modes alternated round after round on the same file, so the VM's
-drift hits all alike. ``--cache warm`` (the default) reads the file once before the first round and never
-drops it: every load finds its bytes in the page cache (a resume right after a save, ``sample`` on the
-training machine). ``--cache cold`` drops the page cache before every load (``echo 3 >
-/proc/sys/vm/drop_caches``; needs root, else the loads are warm and the script says so). Modes:
+drift hits all alike; each round runs them in a new (seeded) random order. A load's time depends mostly on
+how much of its memory is fresh (page faults: zeroed pages, the VM memory effect) rather than reused from
+memory the allocator kept from the previous load, which depends on the mode before it: the script prints
+each load's page faults, and the order changes so that no mode always follows the same one.
+
+``--cache warm`` (the default) reads the file once before the first round and never drops it: every load
+finds its bytes in the page cache (a resume right after a save, ``sample`` on the training machine).
+``--cache cold`` drops the page cache before every load (``echo 3 > /proc/sys/vm/drop_caches``; needs
+root, else the loads are warm and the script says so). Modes:
 
 - ``raw read``: ``readinto`` of the whole file into freshly allocated memory (issue 6's limit);
 - ``raw read, reused``: the same into one buffer kept across rounds (the limit for cached bytes);
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import random
+import resource
 import shutil
 import statistics
 import sys
@@ -96,19 +103,24 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     peaks: dict[str, list[float]] = {mode: [] for mode in MODES}
+    faults: dict[str, list[int]] = {mode: [] for mode in MODES}
     cold = args.cache == "cold"
     _read_into(path, reused)  # warm: the file is in the page cache from here on
     try:
-        for _ in range(args.reps):
-            for mode in MODES:
+        for round_index in range(args.reps):
+            order = list(MODES)
+            random.Random(round_index).shuffle(order)  # no mode always inherits the same predecessor's heap
+            for mode in order:
                 if args.cache == "cold":
                     cold = drop_caches() and cold
                 gc.collect()
                 base = proc_status()["VmRSS"]
                 reset_peak()
+                faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
                 result = runs[mode]()
                 times[mode].append(time.perf_counter() - start)
+                faults[mode].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
                 peaks[mode].append(proc_status()["VmHWM"] - base)
                 del result
     finally:
@@ -119,6 +131,9 @@ def main() -> None:
         f"{regime} page cache"
     )
     print_rounds(times)
+    print("page faults per round, thousands (fresh memory; the rest was reused from the allocator):")
+    for mode in MODES:
+        print(f"  {mode:27s}" + " ".join(f"{count / 1000:4.0f}" for count in faults[mode]))
     print("peak over start, max of rounds (MiB): " + "; ".join(f"{m} {max(peaks[m]):.0f}" for m in MODES))
     for what, pick in (("median", statistics.median), ("min", min)):
         t = {mode: pick(times[mode]) for mode in MODES}
