@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import random
 import resource
 import shutil
@@ -79,6 +80,14 @@ def _torch_load_drop_optimizer(path: Path) -> Any:
     return payload
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process), from /proc/stat and getrusage."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     args = ab_arguments(__doc__, cache=True)
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -106,6 +115,8 @@ def main() -> None:
     faults: dict[str, list[int]] = {mode: [] for mode in MODES}
     cold = args.cache == "cold"
     _read_into(path, reused)  # warm: the file is in the page cache from here on
+    busy, own = _cpu_seconds()
+    began = time.perf_counter()
     try:
         for round_index in range(args.reps):
             order = list(MODES)
@@ -125,11 +136,14 @@ def main() -> None:
                 del result
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
+    busy_end, own_end = _cpu_seconds()
+    others = max(0.0, (busy_end - busy) - (own_end - own)) / (time.perf_counter() - began)
     regime = "cold" if cold else "WARM (could not drop caches)" if args.cache == "cold" else "warm"
     print(
         f"{size / 2**20:.0f} MiB file ({tensors / 2**20:.0f} MiB of tensors) in {args.dir}, {args.reps} rounds, "
         f"{regime} page cache"
     )
+    print(f"other processes kept {others:.2f} of the machine's {os.cpu_count()} cores busy during the rounds")
     print_rounds(times)
     print("page faults per round, thousands (fresh memory; the rest was reused from the allocator):")
     for mode in MODES:
