@@ -118,4 +118,5 @@ def ab_arguments(doc: str | None, *, cache: bool = False) -> argparse.Namespace:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ml_playground_ab"))
     if cache:
         parser.add_argument("--cache", choices=("warm", "cold"), default="warm", help="page cache before each load")
+        parser.add_argument("--heap", choices=("trim", "keep"), default="trim", help="allocator's free memory")
     return parser.parse_args()

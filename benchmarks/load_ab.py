@@ -4,7 +4,10 @@ Like ``save_ab.py``: one process, the modes alternated round after round on the 
 drift hits all alike; each round runs them in a new (seeded) random order. A load's time depends mostly on
 how much of its memory is fresh (page faults: zeroed pages, the VM memory effect) rather than reused from
 memory the allocator kept from the previous load, which depends on the mode before it: the script prints
-each load's page faults, and the order changes so that no mode always follows the same one.
+each load's page faults, and the order changes so that no mode always follows the same one. With
+``--heap trim`` (the default) every load starts after ``malloc_trim(0)`` has handed the allocator's free
+memory back to the kernel, so every load gets fresh memory, as a load in a fresh process does (``sample``,
+``eval``, a resume); ``--heap keep`` leaves it, and which mode reuses how much is then luck.
 
 ``--cache warm`` (the default) reads the file once before the first round and never drops it: every load
 finds its bytes in the page cache (a resume right after a save, ``sample`` on the training machine).
@@ -90,6 +93,7 @@ def _cpu_seconds() -> tuple[float, float]:
 
 def main() -> None:
     args = ab_arguments(__doc__, cache=True)
+    trim = ctypes.CDLL(None).malloc_trim if args.heap == "trim" else None  # glibc
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     path = args.dir / NAME
@@ -125,6 +129,8 @@ def main() -> None:
                 if args.cache == "cold":
                     cold = drop_caches() and cold
                 gc.collect()
+                if trim is not None:
+                    trim(0)
                 base = proc_status()["VmRSS"]
                 reset_peak()
                 faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -139,13 +145,14 @@ def main() -> None:
     busy_end, own_end = _cpu_seconds()
     others = max(0.0, (busy_end - busy) - (own_end - own)) / (time.perf_counter() - began)
     regime = "cold" if cold else "WARM (could not drop caches)" if args.cache == "cold" else "warm"
+    heap = "fresh memory for every load (malloc_trim)" if trim is not None else "the allocator's free memory kept"
     print(
         f"{size / 2**20:.0f} MiB file ({tensors / 2**20:.0f} MiB of tensors) in {args.dir}, {args.reps} rounds, "
-        f"{regime} page cache"
+        f"{regime} page cache, {heap}"
     )
     print(f"other processes kept {others:.2f} of the machine's {os.cpu_count()} cores busy during the rounds")
     print_rounds(times)
-    print("page faults per round, thousands (fresh memory; the rest was reused from the allocator):")
+    print("page faults per round, thousands (fresh pages; the rest was memory the allocator reused):")
     for mode in MODES:
         print(f"  {mode:27s}" + " ".join(f"{count / 1000:4.0f}" for count in faults[mode]))
     print("peak over start, max of rounds (MiB): " + "; ".join(f"{m} {max(peaks[m]):.0f}" for m in MODES))
