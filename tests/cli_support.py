@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -69,6 +70,14 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int, *n
     flat = " ".join(output.split())  # messages are wrapped into one paragraph
     for needle in needles:
         assert needle in flat, (needle, output)
+
+
+def assert_quiet_success(result: subprocess.CompletedProcess[str]) -> None:
+    """Exit 0 with no traceback and no Python warning (e.g. torch's "Failed to initialize NumPy")."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Traceback" not in output, output
+    assert re.search(r"\b\w*Warning\b", result.stderr) is None, result.stderr
 
 
 def run_main(args: Sequence[str], cwd: Path, capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess[str]:

@@ -105,6 +105,8 @@ def assert_same_checkpoint(a: Checkpoint, b: Checkpoint) -> None:
     assert dict(a.model_args) == dict(b.model_args)
     assert dict(a.config) == dict(b.config)
     assert dict(a.data_state) == dict(b.data_state)
+    assert a.world_size == b.world_size
+    assert a.shards == b.shards
     assert a.model.keys() == b.model.keys()
     for key in a.model:
         assert torch.equal(a.model[key], b.model[key]), key
@@ -112,6 +114,7 @@ def assert_same_checkpoint(a: Checkpoint, b: Checkpoint) -> None:
     if a.ema is not None and b.ema is not None:
         for key in a.ema:
             assert torch.equal(a.ema[key], b.ema[key]), key
+    assert a.rng_state.keys() == b.rng_state.keys()
     for key in a.rng_state:
         assert torch.equal(a.rng_state[key], b.rng_state[key])
     state_a, state_b = a.optimizer["state"], b.optimizer["state"]

@@ -138,11 +138,16 @@ class ManagerContract:
                 assert fetched[:100] == data[:100]
                 assert fetched[-50:] == data[-50:]
                 assert fetched[100:-50] == bytes(len(data) - 150)  # never fetched: a hole
+        assert (capabilities.lease_state is not None) == self.lease_expected
         if self.lease_expected:
+            assert capabilities.lease_state is not None
+            assert capabilities.lease_state() == "released"  # never taken
             with manager.acquire_writer():
                 with pytest.raises(LocationLockedError):
                     _manager(location).acquire_writer()
                 manager.save_last(make_checkpoint(4))  # the holder saves
+                assert CheckpointManager(open_store(location)).store.capabilities.lease_state() == "held"  # type: ignore[misc]
+            assert capabilities.lease_state() == "released"  # given up
             _manager(location).acquire_writer().release()  # released: the next writer takes it
 
     def test_the_state_machine_keeps_every_invariant(self, fresh_location: LocationFactory) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from ml_playground.checkpoint import (
     open_saver,
 )
 from ml_playground.errors import CheckpointError, StorageError
-from tests.conftest import make_checkpoint
+from tests.conftest import assert_same_checkpoint, make_checkpoint
 
 
 class GatedOps(FileOps):
@@ -109,6 +110,19 @@ def test_caller_may_mutate_its_tensors_right_after_save_returns(manager: Checkpo
     for key, value in model_before.items():
         assert torch.equal(saved.model[key], value), key
     assert torch.equal(saved.optimizer["state"][0]["exp_avg"], exp_avg_before)
+
+
+@pytest.mark.timeout(60)
+def test_a_background_save_keeps_every_field(run_dir: Path) -> None:
+    # a snapshot once rebuilt the checkpoint field by field and dropped world_size (a torchrun run's async
+    # save recorded world size 1, so its rank 1 resumed as a new rank)
+    manager = CheckpointManager(LocalStore(run_dir, create=True))
+    state = dataclasses.replace(make_checkpoint(4, ema=True), world_size=2)
+    with AsyncCheckpointSaver(manager) as saver:
+        saver.save_last(state)
+    loaded = manager.load_latest()
+    assert_same_checkpoint(loaded, state)
+    assert loaded.world_size == 2
 
 
 @pytest.mark.timeout(60)
@@ -265,7 +279,7 @@ def test_process_exit_waits_for_the_in_flight_save(tmp_path: Path) -> None:
         import time
         from pathlib import Path
         from ml_playground.checkpoint import AsyncCheckpointSaver, CheckpointManager, FileOps, LocalStore
-        from tests.conftest import make_checkpoint
+        from tests.conftest import assert_same_checkpoint, make_checkpoint
 
         class SlowOps(FileOps):
             def fsync(self, fd):

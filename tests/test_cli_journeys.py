@@ -15,6 +15,7 @@ from ml_playground.checkpoint import CheckpointManager, LocalStore
 from tests.cli_support import (
     TINY,
     assert_clean_failure,
+    assert_quiet_success,
     assert_same_state,
     ckpt_names,
     cli_env,
@@ -38,6 +39,38 @@ def test_train_without_arguments_trains_the_default_experiment_into_out(tmp_path
     assert names[0].startswith("ckpt_best_00000000_")
     assert f"checkpoints are in {run}" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.journey
+def test_journey_train_sample_eval_and_inspect_each_in_a_fresh_process(tmp_path: Path) -> None:
+    """The README's quick start, command by command; `tox -e user` runs it in a user's install."""
+    trained = run_cli(["train", *TINY, *sets(max_iters=20, eval_interval=10, checkpointing__interval=10)], tmp_path)
+    assert_quiet_success(trained)
+    run = tmp_path / "out" / "tiny_chars"
+    names = ckpt_names(run)
+    best = next(n for n in names if n.startswith("ckpt_best_"))
+    assert names == sorted([best, "ckpt_last_00000010.pt", "ckpt_last_00000020.pt"])
+
+    sampled = run_cli(["sample", *sets(sample__sample__max_new_tokens=25)], tmp_path)
+    assert_quiet_success(sampled)
+    assert f"sampling from {run / best}" in sampled.stderr
+    assert len(sampled.stdout.rstrip("\n")) == 1 + 25  # the "\n" prompt and 25 characters
+
+    evaluated = run_cli(["eval", "--raw-weights"], tmp_path)
+    assert_quiet_success(evaluated)
+    assert f"val loss {best.removesuffix('.pt').rsplit('_', 1)[1]}" in evaluated.stdout
+
+    listed = run_cli(["ckpt", "ls", "out/tiny_chars"], tmp_path)
+    assert_quiet_success(listed)
+    assert listed.stdout.splitlines()[0] == f"3 checkpoints in {run}"
+
+    shown = run_cli(["ckpt", "show", "out/tiny_chars/ckpt_last_00000020.pt"], tmp_path)
+    assert_quiet_success(shown)
+    assert "iteration:        20" in shown.stdout
+
+    verified = run_cli(["ckpt", "verify", "out/tiny_chars"], tmp_path)
+    assert_quiet_success(verified)
+    assert verified.stdout.splitlines()[-1] == f"3 checkpoints in {run}: 3 ok, 0 bad"
 
 
 def test_resume_in_a_new_process_is_bitwise_identical_to_an_uninterrupted_run(

@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from tests.cli_support import TINY, assert_clean_failure, ckpt_names, flip_tensor_byte, run_cli, run_main, sets
+from tests.cli_support import (
+    TINY,
+    assert_clean_failure,
+    assert_quiet_success,
+    ckpt_names,
+    flip_tensor_byte,
+    run_cli,
+    run_main,
+    sets,
+)
 from tests.servers import MotoServer
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -24,7 +33,8 @@ def uploads(s3_admin: Any, bucket: str) -> list[Any]:
     return list(s3_admin.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
 
 
-def test_train_to_s3_then_sample_and_eval_from_the_url_in_fresh_processes(
+@pytest.mark.journey
+def test_train_to_s3_then_sample_eval_and_inspect_from_the_url_in_fresh_processes(
     tmp_path: Path, moto_server: MotoServer, s3_bucket: str, s3_admin: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"s3://{s3_bucket}/runs/tiny"
@@ -39,7 +49,7 @@ def test_train_to_s3_then_sample_and_eval_from_the_url_in_fresh_processes(
         ],
         tmp_path,
     )  # fmt: skip
-    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert_quiet_success(trained)
     assert f"checkpoints are in {url}" in trained.stdout
     stored = keys(s3_admin, s3_bucket, "runs/tiny")
     assert stored[1:] == ["ckpt_last_00000010.pt", "ckpt_last_00000020.pt"]
@@ -50,13 +60,24 @@ def test_train_to_s3_then_sample_and_eval_from_the_url_in_fresh_processes(
     reading = ["--set", f"sample.runtime.storage_options.endpoint_url={endpoint}"]
     best_metric = stored[0].removesuffix(".pt").rsplit("_", 1)[1]
     sampled = run_cli(["sample", "--from", url, *reading, *sets(sample__sample__max_new_tokens=25)], tmp_path)
-    assert sampled.returncode == 0, sampled.stderr
+    assert_quiet_success(sampled)
     assert f"sampling from {url}/{stored[0]}" in sampled.stderr
     assert len(sampled.stdout.rstrip("\n")) == 1 + 25  # the "\n" prompt and 25 characters
 
     evaluated = run_cli(["eval", "--from", url, "--raw-weights", *reading], tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr
+    assert_quiet_success(evaluated)
     assert f"val loss {best_metric}" in evaluated.stdout
+
+    opt = ["-o", f"endpoint_url={endpoint}"]
+    listed = run_cli(["ckpt", "ls", url, *opt], tmp_path)
+    assert_quiet_success(listed)
+    assert listed.stdout.splitlines()[0] == f"3 checkpoints in {url}"
+    shown = run_cli(["ckpt", "show", f"{url}/ckpt_last_00000020.pt", *opt], tmp_path)
+    assert_quiet_success(shown)
+    assert "iteration:        20" in shown.stdout
+    verified = run_cli(["ckpt", "verify", url, *opt], tmp_path)
+    assert_quiet_success(verified)
+    assert f"in {url}: 3 ok, 0 bad" in verified.stdout
 
     one = run_main(["sample", "--checkpoint", f"{url}/ckpt_last_00000020.pt", *reading], tmp_path, capsys)
     assert one.returncode == 0, one.stderr

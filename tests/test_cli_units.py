@@ -184,3 +184,32 @@ def test_sampling_reports_a_remote_read_and_loads_unchanged(tmp_path: Path) -> N
     events.clear()
     sampling.load_checkpoint(LocalLocation(path=local), name="ckpt_last_00000004.pt", on_event=events.append)
     assert events == []  # a local file is not fetched
+
+
+@pytest.mark.parametrize("torchrun_worker", [False, True])
+def test_the_command_exits_with_mains_code_inside_and_outside_torchrun(tmp_path: Path, torchrun_worker: bool) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TORCHELASTIC_RUN_ID"}
+    if torchrun_worker:
+        env["TORCHELASTIC_RUN_ID"] = "test"  # leaves through os._exit: the output must still be flushed
+    (tmp_path / "run").mkdir()
+    for args, code, stream, text in (
+        (["ckpt", "ls", "run"], 0, "stdout", "0 checkpoints in"),
+        (["ckpt", "ls", "missing"], 1, "stderr", "does not exist"),
+        (["train", "--set", "nonsense"], 2, "stderr", "--set"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "ml_playground", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == code, done.stderr
+        assert text in getattr(done, stream)
+        assert "Traceback" not in done.stderr

@@ -308,8 +308,34 @@ def test_a_format_version_1_file_migrates_to_a_verifiable_version_2_payload() ->
     migrated = MIGRATIONS[1](raw)
     assert migrated["format_version"] == 2
     assert list(migrated) == ["format", "format_version", "meta", "model", "ema", "rng_state", "optimizer", "integrity"]
+    assert MIGRATIONS[2](migrated)["meta"]["world_size"] == 1
     verify_sections(migrated, "migrated")  # the converted digest record checks the same bytes
     assert decode(io.BytesIO(_reencode(migrated)), source="re-saved").iter_num == 7
+
+
+_V2_FILE = Path(__file__).parent / "data" / "format_v2.pt"
+"""Written by the format version 2 encoder: make_checkpoint(iter_num=7, best_val_loss=0.5, ema=True, seed=3),
+rng_state from a generator seeded with 0."""
+
+
+def test_a_format_version_2_file_loads_as_world_size_1() -> None:
+    raw = torch.load(_V2_FILE, weights_only=True)
+    assert raw["format_version"] == 2
+    assert "world_size" not in raw["meta"]
+    loaded = decode(_V2_FILE, source="format_v2.pt")
+    assert (loaded.iter_num, loaded.best_val_loss, loaded.world_size) == (7, 0.5, 1)
+    assert all(torch.equal(loaded.model[key], raw["model"][key]) for key in raw["model"])
+    migrated = MIGRATIONS[2](raw)
+    assert migrated["format_version"] == 3
+    assert migrated["meta"]["world_size"] == 1
+    verify_sections(migrated, "migrated")  # the structure digest follows the added field
+
+
+def test_damage_in_a_format_version_2_file_is_detected_before_migrating() -> None:
+    raw = torch.load(_V2_FILE, weights_only=True)
+    damaged = {**raw, "meta": {**raw["meta"], "iter_num": 8}}
+    with pytest.raises(CheckpointCorruptError, match="metadata does not match"):
+        verify_sections(MIGRATIONS[2](damaged), "damaged")
 
 
 def test_damage_in_a_format_version_1_file_is_detected() -> None:

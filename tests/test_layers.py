@@ -42,8 +42,20 @@ FORBIDDEN = {
 for _low in ("ml_playground.errors", "ml_playground.locations", "ml_playground.schemes", "ml_playground.config"):
     FORBIDDEN[_low] = [*FORBIDDEN[_low], "ml_playground.cli", "ml_playground.workload", "ml_playground.config_loader"]
 FORBIDDEN["ml_playground.config"].remove("ml_playground.config_loader")
-FLOW_SHARED = {"ml_playground.flows.events", "ml_playground.flows.evaluation"}
-FLOW_OWN = {"ml_playground.flows.training": {"ml_playground.flows.train_state"}}
+FLOW_SHARED = {"ml_playground.flows.events", "ml_playground.flows.evaluation", "ml_playground.flows.limits"}
+_TRAINING = {
+    "ml_playground.flows.distributed",
+    "ml_playground.flows.train_state",
+    "ml_playground.flows.preemption",
+    "ml_playground.flows.resume",
+    "ml_playground.flows.fsdp",
+}
+FLOW_OWN = {
+    "ml_playground.flows.training": {"ml_playground.flows._loop", *_TRAINING},
+    "ml_playground.flows._loop": _TRAINING,
+    "ml_playground.flows.train_state": _TRAINING,
+    "ml_playground.flows.fsdp": _TRAINING,
+}
 
 
 @dataclass(frozen=True)

@@ -120,19 +120,23 @@ def test_a_flipped_byte_is_found_in_whichever_piece_it_lies(saved: tuple[Checkpo
         decode(path, source="ckpt")
 
 
-def test_a_compressed_storage_record_is_left_to_torch_load(saved: tuple[Checkpoint, Path], tmp_path: Path) -> None:
-    # torch.load reads deflated records; this reader reads bytes as they lie, so it steps aside
-    checkpoint, path = saved
+def test_a_compressed_storage_record_is_refused_before_anything_reads_it(
+    saved: tuple[Checkpoint, Path], tmp_path: Path
+) -> None:
+    # this reader reads bytes as they lie; a deflated record (which our writer never makes) is refused from the
+    # zip directory before torch or the reader reads any record (format/_zip_layout.py, Archive.check_stored)
+    _, path = saved
     deflated = tmp_path / "deflated.pt"
     blob = path.read_bytes()
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as out:
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(deflated, "w") as out:
         for info in source.infolist():  # read past zipfile: our records' CRC fields are 0
             start = _data_start(blob, info)
-            out.writestr(info.filename, blob[start : start + info.file_size])
-    archive = Archive(deflated, "deflated")
-    payload = load_unread(archive, None)
-    assert _reader.plan(archive, payload, checked_structure(payload, "x"), read=None, hashed=()) is None
-    assert_same_checkpoint(decode(deflated, source="deflated"), checkpoint)
+            packing = zipfile.ZIP_DEFLATED if "/data/" in info.filename else zipfile.ZIP_STORED
+            out.writestr(info.filename, blob[start : start + info.file_size], compress_type=packing)
+    with pytest.raises(CheckpointCorruptError, match=r"deflated is damaged or hostile: its zip member .*/data/0 is"):
+        decode(deflated, source="deflated")
+    with deflated.open("rb") as stream, pytest.raises(CheckpointCorruptError, match=r"/data/0 is compressed"):
+        decode(stream, source="deflated")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -15,7 +15,12 @@ import torch
 
 from ml_playground.checkpoint import Checkpoint, CheckpointManager, KeepPolicy, LocalStore, ModelWeights, open_store
 from ml_playground.config_loader import parse_location
-from ml_playground.errors import CheckpointCorruptError, CheckpointNotFoundError, StorageError
+from ml_playground.errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    CheckpointRotatedAwayError,
+    StorageError,
+)
 from tests.conftest import make_checkpoint
 from tests.servers import MotoServer, S3LocationFactory
 from tests.tcp_proxy import CuttingProxy
@@ -155,3 +160,28 @@ def test_s3_memory_and_local_stores_give_the_same_weights(s3_location: S3Locatio
         assert manager.save_last(checkpoint) is not None
     for manager in managers:
         _assert_weights_of(manager.load_weights(filename), checkpoint)
+
+
+@pytest.mark.parametrize("weights_only", [False, True], ids=["full", "weights"])
+def test_an_object_rotated_away_during_a_ranged_load_is_rotated_away_not_replaced(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str, temp_dir: Path, weights_only: bool
+) -> None:
+    """A ranged GET's If-Match fails (412 on moto) for a deleted object too: that is rotation, which a
+    reader of a chosen checkpoint survives by choosing again, not a replaced object. Found by the reader
+    stress test (issue 15)."""
+    checkpoint = make_checkpoint(7, width=WIDTH)
+    filename = _save(s3_location, checkpoint)
+    reader = CheckpointManager(open_store(s3_location()))
+
+    def rotate_away_once(**_: Any) -> None:
+        if s3_admin.list_objects_v2(Bucket=s3_bucket, Prefix=f"run/{filename}").get("KeyCount"):
+            s3_admin.put_object(Bucket=s3_bucket, Key="run/ckpt_last_00000008.pt", Body=b"newer")
+            s3_admin.delete_object(Bucket=s3_bucket, Key=f"run/{filename}")
+
+    reader.store.filesystem.connect().meta.events.register("before-call.s3.GetObject", rotate_away_once)  # type: ignore[attr-defined]
+    with pytest.raises(CheckpointRotatedAwayError, match=f"{filename} was rotated away"):
+        if weights_only:
+            reader.load_weights(filename)
+        else:
+            reader.load(filename)
+    assert list(temp_dir.iterdir()) == []

@@ -92,3 +92,20 @@ def test_a_linked_commit_whose_temporary_cannot_be_removed_is_still_committed(
         stream.write(b"ours")
     assert (tmp_path / "run" / "ckpt_last_00000001.pt").read_bytes() == b"ours"
     assert "could not remove its temporary" in caplog.text
+
+
+class InterruptedWrite(FileOps):
+    """A Ctrl-C or a second SIGTERM whose handler raises inside a write, as a signal does."""
+
+    def write(self, fd: int, data: memoryview) -> int:
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_raised_inside_a_write_leaves_no_temporary(tmp_path: Path) -> None:
+    # the interrupt was kept by the stream and raised again by the buffer's flush during the cleanup,
+    # which then never removed the temporary file
+    store = LocalStore(tmp_path / "run", create=True, file_ops=InterruptedWrite())
+    with pytest.raises(KeyboardInterrupt), store.write("ckpt_last_00000001.pt") as stream:
+        stream.write(b"x" * 100)  # buffered: the flush below fails and leaves it in the buffer
+        stream.flush()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []

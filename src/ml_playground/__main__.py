@@ -1,5 +1,5 @@
 """``python -m ml_playground``: the same as the ``ml-playground`` command."""
 
-from ml_playground.cli import main
+from ml_playground.cli import run
 
-raise SystemExit(main())
+run()

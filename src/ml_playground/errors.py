@@ -3,6 +3,8 @@
     MLPlaygroundError
     ├── ConfigError                      bad configuration: unknown key, wrong type, bad URL (CLI exit 2)
     │   └── MissingExtraError            a URL scheme whose fsspec backend is not installed
+    ├── DistributedError                 the ranks of a torchrun run cannot work together (a rank is gone,
+    │                                    a collective timed out) (CLI exit 1)
     └── CheckpointError                  anything about a checkpoint or its storage (CLI exit 1)
         ├── CheckpointNotFoundError      (also FileNotFoundError) no such checkpoint / no checkpoint of a kind
         │   └── CheckpointRotatedAwayError   the named checkpoint was deleted by rotation
@@ -33,6 +35,7 @@ __all__ = [
     "CheckpointSchemaError",
     "CheckpointVersionError",
     "ConfigError",
+    "DistributedError",
     "LocationLockedError",
     "MLPlaygroundError",
     "MissingExtraError",
@@ -52,6 +55,10 @@ class ConfigError(MLPlaygroundError, ValueError):
 
 class MissingExtraError(ConfigError):
     """A location needs an optional dependency that is not installed."""
+
+
+class DistributedError(MLPlaygroundError):
+    """The processes of a torchrun run could not work together: a rank is gone, or a collective timed out."""
 
 
 class CheckpointError(MLPlaygroundError):

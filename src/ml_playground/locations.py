@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 __all__ = [
     "GcsOptions",
+    "HttpOptions",
     "LocalLocation",
     "Location",
     "NoStorageOptions",
@@ -42,6 +43,14 @@ class GcsOptions(BaseModel):
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
     read_timeout: Annotated[float, Field(gt=0)] = 60.0
     part_size_mib: Annotated[int, Field(ge=5, le=5120)] = 50
+
+
+class HttpOptions(BaseModel):
+    """What ``http(s)://`` takes: how long a connection or a read may wait (urllib's one socket timeout)."""
+
+    model_config = _STRICT
+
+    read_timeout: Annotated[float, Field(gt=0)] = 60.0
 
 
 class _S3Fields(GcsOptions):
@@ -103,6 +112,10 @@ class RemoteLocation(BaseModel):
 
     ``bucket`` is the root's first segment and ``prefix`` the rest; an object ``name`` of the location
     has the key ``key(name)`` in that bucket.
+
+    A URL that names one file (``http(s)://host/dir/file.pt?query``) is the location ``http(s)://host/dir``
+    holding the one object ``object_name`` (``file.pt``), read with ``query`` appended. The query is a
+    credential (e.g. a presigned URL's signature): it is in no ``url``, no message and no dump.
     """
 
     model_config = _STRICT
@@ -111,6 +124,8 @@ class RemoteLocation(BaseModel):
     scheme: str
     root: str
     storage_options: StorageOptions = StorageOptions()
+    object_name: str | None = Field(default=None, exclude=True)
+    query: SecretStr | None = Field(default=None, exclude=True)
 
     @property
     def url(self) -> str:

@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 from pydantic import BaseModel, ValidationError
 
-from ml_playground.locations import GcsOptions, NoStorageOptions, S3Options
+from ml_playground.locations import GcsOptions, HttpOptions, NoStorageOptions, S3Options
 
 __all__ = ["LOCAL_SCHEME", "SCHEMES", "BucketRule", "Scheme"]
 
@@ -42,6 +42,8 @@ class Scheme:
     - ``options``: the storage options it takes; setting any other is a configuration error.
     - ``requires`` / ``extra``: the module its store needs, and the pip extra that installs it.
     - ``bucket``: how its URLs name a bucket (None: no bucket, e.g. ``memory://``).
+    - ``single_file``: its URLs are read-only and name one checkpoint file (``http(s)://``): never a run
+      location, an ``out_dir`` or a destination; the URL's query is kept as a secret of the location.
     """
 
     name: str
@@ -50,6 +52,7 @@ class Scheme:
     requires: str | None = None
     extra: str | None = None
     bucket: BucketRule | None = None
+    single_file: bool = False
 
     def refuses(self, options: Mapping[str, object]) -> str | None:
         """Why the storage options set (``options``, a raw table) do not suit this scheme; None if they do."""
@@ -86,6 +89,10 @@ def _gcs(name: str) -> Scheme:
     return Scheme(name, f"{_STORES}.gcs:GcsStore", GcsOptions, "gcsfs", "gcs", _GCS_BUCKET)
 
 
+def _http(name: str) -> Scheme:  # the standard library's urllib: no extra to install
+    return Scheme(name, f"{_STORES}.http:HttpStore", HttpOptions, single_file=True)
+
+
 SCHEMES: Mapping[str, Scheme] = MappingProxyType(
     {
         LOCAL_SCHEME: Scheme(LOCAL_SCHEME, f"{_STORES}.local:LocalStore", NoStorageOptions),
@@ -93,5 +100,7 @@ SCHEMES: Mapping[str, Scheme] = MappingProxyType(
         "gs": _gcs("gs"),
         "gcs": _gcs("gcs"),
         "memory": Scheme("memory", f"{_STORES}.memory:MemoryStore", NoStorageOptions),
+        "http": _http("http"),
+        "https": _http("https"),
     }
 )

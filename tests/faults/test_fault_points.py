@@ -44,6 +44,16 @@ def run(tmp_path: Path) -> Path:
 def test_a_save_makes_every_operation_at_least_once(calls_per_save: dict[str, int]) -> None:
     assert all(calls_per_save.get(op, 0) >= 1 for op in SAVE_OPERATIONS), calls_per_save
     assert calls_per_save["write"] >= 3, "a multi-MB save should take several writes"
+    # docs/reliability.md quotes these: 12 fault points x 3 errors = 36 failed saves
+    assert {op: calls_per_save.get(op, 0) for op in SAVE_OPERATIONS} == {
+        "open": 1,
+        "write": 7,
+        "fsync": 1,
+        "close": 1,
+        "rename_no_replace": 1,
+        "fsync_dir": 1,
+    }
+    assert len(ERRNOS) == 3
 
 
 @pytest.mark.parametrize("code_name", sorted(ERRNOS))
@@ -86,6 +96,14 @@ def test_the_save_after_a_failed_one_succeeds(run: Path) -> None:
     names, problems = audit_all_load(run)
     assert problems == []
     assert [n.filename for n in names] == ["ckpt_last_00000002.pt", "ckpt_last_00000001.pt"]
+
+
+def test_early_writeback_runs_once_per_16_mib(tmp_path: Path) -> None:
+    ops = FaultyOps()
+    with LocalStore(tmp_path, file_ops=ops).write("ckpt_last_00000001.pt") as stream:
+        for _ in range(40):
+            stream.write(bytes(1 << 20))
+    assert ops.counts["start_writeback"] == 2  # after 16 and 32 MiB: the two calls failed below
 
 
 @pytest.mark.parametrize("nth", [1, 2])

@@ -62,6 +62,7 @@ def _body(config_value: object) -> dict[str, Any]:
             "model_args": {},
             "config": {"x": config_value},
             "data_state": {},
+            "world_size": 1,
         },
         "model": {"w": torch.ones(4)},
         "optimizer": {},

@@ -63,6 +63,15 @@ def test_rotate_alone_retries_a_failed_rotation(run_dir: Path) -> None:
     assert _files(run_dir) == ["ckpt_best_00000002_8.000000.pt", "ckpt_last_00000002.pt"]
 
 
+def test_the_sweep_below_has_seven_deletes_due(run_dir: Path) -> None:
+    _fill(run_dir, range(4))
+    ops = FaultyOps()  # counts only
+    CheckpointManager(LocalStore(run_dir, file_ops=ops), KeepPolicy(last=1, best=1)).save_best(
+        make_checkpoint(4, best_val_loss=1.0)
+    )
+    assert ops.counts["unlink"] == 7
+
+
 @pytest.mark.parametrize("code", [errno.EIO, errno.EACCES, errno.EROFS])
 @pytest.mark.parametrize("nth", range(1, 8))
 def test_a_delete_failing_at_any_point_never_deletes_what_the_policy_keeps(run_dir: Path, nth: int, code: int) -> None:

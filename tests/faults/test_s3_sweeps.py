@@ -84,6 +84,8 @@ def test_cutting_the_connection_at_many_offsets_never_commits_a_partial_object(
     assert set(outcomes) <= {"failed cleanly", "succeeded after retry"}, outcomes
     if cuts is None:
         assert outcomes == {"failed cleanly": len(OFFSETS)}
+    else:  # retries absorb a single cut: 11 of 11 saves succeed (docs/reliability.md)
+        assert outcomes == {"succeeded after retry": len(OFFSETS)}
 
 
 OPERATIONS = ["ListObjectsV2", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "DeleteObject"]

@@ -262,6 +262,8 @@ def test_sigkill_during_save_never_loses_or_exposes_a_checkpoint(
     assert problems == []
     assert violations == 0
     assert kills == KILLS_PER_POLICY
+    # docs/reliability.md: 2 x 12 file operations and 2 deletes, between the start and end markers
+    assert events_per_save == 28, events_per_save
     assert leftovers > 0, "no kill left a temporary behind: the cleanup path was never exercised"
     assert len(stages) >= 6, f"kills did not spread over the save: {dict(stages)}"
 

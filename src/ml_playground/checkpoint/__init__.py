@@ -11,7 +11,8 @@ rotation, the manager and the savers.
 
 from ml_playground.checkpoint._async import AsyncCheckpointSaver, CheckpointSaver, SyncCheckpointSaver, open_saver
 from ml_playground.checkpoint._checkpoint import Checkpoint, ModelWeights
-from ml_playground.checkpoint._lease import Lease
+from ml_playground.checkpoint._discovery import Discovered, discover
+from ml_playground.checkpoint._lease import Lease, LeaseState
 from ml_playground.checkpoint._manager import CheckpointManager
 from ml_playground.checkpoint._naming import CHECKPOINT_PREFIX, CheckpointInfo, CheckpointKind, CheckpointName
 from ml_playground.checkpoint._rotation import KeepPolicy, MetricMode, improves, to_delete
@@ -31,9 +32,11 @@ __all__ = [
     "CheckpointName",
     "CheckpointSaver",
     "CheckpointStore",
+    "Discovered",
     "FileOps",
     "KeepPolicy",
     "Lease",
+    "LeaseState",
     "LocalStore",
     "MetricMode",
     "ModelWeights",
@@ -41,6 +44,7 @@ __all__ = [
     "SyncCheckpointSaver",
     "WriterLease",
     "decode",
+    "discover",
     "encode",
     "improves",
     "open_saver",

@@ -18,6 +18,7 @@ Rules (each tested in tests/test_async_save.py):
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -83,16 +84,17 @@ def snapshot(checkpoint: Checkpoint, *, into: Checkpoint | None = None) -> Check
     costs a page fault per page on first touch (slow on VMs: docs/performance.md); reused memory does not.
     """
     old = into
-    return Checkpoint(
+    # replace(): every field not named here (iteration, metric, world size...) is carried over as it is
+    return dataclasses.replace(
+        checkpoint,
         model=_copy(checkpoint.model, old.model if old else None),
         optimizer=_copy(checkpoint.optimizer, old.optimizer if old else None),
         model_args=_copy(checkpoint.model_args, None),
-        iter_num=checkpoint.iter_num,
-        best_val_loss=checkpoint.best_val_loss,
         config=_copy(checkpoint.config, None),
         ema=None if checkpoint.ema is None else _copy(checkpoint.ema, old.ema if old else None),
         rng_state=_copy(checkpoint.rng_state, old.rng_state if old else None),
         data_state=_copy(checkpoint.data_state, None),
+        shards=_copy(checkpoint.shards, None),
     )
 
 

@@ -24,9 +24,10 @@ class Checkpoint:
 
     ``model``/``ema`` are module state dicts; ``optimizer`` is an optimizer state dict (tensors and
     plain data); ``rng_state`` holds generator states as tensors and ``data_state`` the data position,
-    which is what a bitwise-identical resume needs. ``best_val_loss`` is the best value so far of the
-    configured metric (for a "best" checkpoint, the value that made it best). ``config`` is plain data
-    with no secrets.
+    which is what a bitwise-identical resume needs (under torchrun, every rank's). ``world_size`` is the
+    number of processes the checkpoint was written by (1 for a single process). ``best_val_loss`` is
+    the best value so far of the configured metric (for a "best" checkpoint, the value that made it
+    best). ``config`` is plain data with no secrets.
     """
 
     model: StateDict
@@ -38,15 +39,21 @@ class Checkpoint:
     ema: StateDict | None = None
     rng_state: StateDict = field(default_factory=dict)
     data_state: Mapping[str, PlainData] = field(default_factory=dict)
+    world_size: int = 1
+    shards: Mapping[str, PlainData] | None = None
+    """Set only on a sharded checkpoint's manifest: where its tensors are (``checkpoint.sharded`` reads it);
+    the manifest then holds no tensors of its own (``model`` and ``optimizer`` empty, no ``ema``)."""
 
     def __post_init__(self) -> None:
         _check_weights_and_metadata(self)
         _check_state_dict("rng_state", self.rng_state)
+        if self.shards is not None and (self.model or self.optimizer or self.ema is not None):
+            raise CheckpointSchemaError("a sharded checkpoint's manifest holds no model, EMA or optimizer tensors")
         check_plain_tree("optimizer", self.optimizer, tensors_allowed=True)
 
     @property
     def has_ema(self) -> bool:
-        return self.ema is not None
+        return self.ema is not None or _sharded_section(self.shards, "ema")
 
     @property
     def has_finite_metric(self) -> bool:
@@ -64,9 +71,14 @@ class ModelWeights:
     config: Mapping[str, PlainData] = field(default_factory=dict)
     ema: StateDict | None = None
     data_state: Mapping[str, PlainData] = field(default_factory=dict)
+    world_size: int = 1
+    shards: Mapping[str, PlainData] | None = None
+    """As on :class:`Checkpoint`: set only when read from a sharded checkpoint's manifest, before assembly."""
 
     def __post_init__(self) -> None:
         _check_weights_and_metadata(self)
+        if self.shards is not None and (self.model or self.ema is not None):
+            raise CheckpointSchemaError("a sharded checkpoint's manifest holds no model or EMA tensors")
 
     @classmethod
     def of(cls, checkpoint: Checkpoint) -> ModelWeights:
@@ -79,11 +91,18 @@ class ModelWeights:
             config=checkpoint.config,
             ema=checkpoint.ema,
             data_state=checkpoint.data_state,
+            world_size=checkpoint.world_size,
+            shards=checkpoint.shards,
         )
 
     @property
     def has_ema(self) -> bool:
-        return self.ema is not None
+        return self.ema is not None or _sharded_section(self.shards, "ema")
+
+
+def _sharded_section(shards: Mapping[str, PlainData] | None, section: str) -> bool:
+    sections = shards.get("sections") if shards is not None else None
+    return isinstance(sections, list) and section in sections
 
 
 def _check_weights_and_metadata(state: Checkpoint | ModelWeights) -> None:
@@ -93,11 +112,13 @@ def _check_weights_and_metadata(state: Checkpoint | ModelWeights) -> None:
     if isinstance(state.best_val_loss, bool) or not isinstance(state.best_val_loss, (int, float)):
         raise CheckpointSchemaError(f"best_val_loss must be a float, got {state.best_val_loss!r}")
     object.__setattr__(state, "best_val_loss", float(state.best_val_loss))
+    if isinstance(state.world_size, bool) or not isinstance(state.world_size, int) or state.world_size < 1:
+        raise CheckpointSchemaError(f"world_size must be an int >= 1, got {state.world_size!r}")
     _check_state_dict("model", state.model)
     if state.ema is not None:
         _check_state_dict("ema", state.ema)
-    for name in ("model_args", "config", "data_state"):
-        check_plain_tree(name, getattr(state, name), tensors_allowed=False)
+    for name in ("model_args", "config", "data_state", "shards"):
+        check_plain_tree(name, getattr(state, name) or {}, tensors_allowed=False)
 
 
 def _check_state_dict(name: str, state: object) -> None:

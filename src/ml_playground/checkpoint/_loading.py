@@ -20,7 +20,7 @@ from ml_playground.checkpoint.format import MapLocation, Source, decode, read_we
 from ml_playground.checkpoint.format import verify as verify_source
 from ml_playground.errors import CheckpointError, CheckpointNotFoundError, CheckpointSchemaError, StorageError
 
-__all__ = ["load_checkpoint", "load_weights", "verify_checkpoint"]
+__all__ = ["load_checkpoint", "load_manifest", "load_weights", "verify_checkpoint"]
 
 
 def load_checkpoint(
@@ -37,6 +37,22 @@ def load_checkpoint(
     with _source(store, filename, mmap) as data:
         checkpoint = decode(data, source=source, map_location=map_location, verify=verify, mmap=mmap)
     _check_matches_name(checkpoint, name, source)
+    if checkpoint.shards is None:
+        return checkpoint
+    # imported here: torch.distributed.checkpoint costs half a second, and only sharded checkpoints need it
+    from ml_playground.checkpoint.sharded import assembled
+
+    return assembled(store, checkpoint, filename, map_location)
+
+
+def load_manifest(store: CheckpointStore, filename: str, name: CheckpointName | None) -> Checkpoint:
+    """The manifest of a sharded checkpoint as stored (no tensors); a single file raises."""
+    source = f"{store.url}/{filename}"
+    with _source(store, filename, False) as data:
+        checkpoint = decode(data, source=source)
+    _check_matches_name(checkpoint, name, source)
+    if checkpoint.shards is None:
+        raise CheckpointSchemaError(f"{source} is a single-file checkpoint, not a sharded one")
     return checkpoint
 
 
@@ -60,12 +76,21 @@ def load_weights(
     except OSError as exc:  # reading the local file: permissions, I/O errors
         raise StorageError(f"cannot read {source}: {exc.strerror or exc}") from None
     _check_matches_name(weights, name, source)
-    return weights
+    if weights.shards is None:
+        return weights
+    from ml_playground.checkpoint.sharded import assembled_weights  # see load_checkpoint
+
+    return assembled_weights(store, weights, filename, map_location)
 
 
 def verify_checkpoint(store: CheckpointStore, filename: str) -> None:
+    source = f"{store.url}/{filename}"
     with _source(store, filename, False) as data:
-        verify_source(data, source=f"{store.url}/{filename}")
+        shards = verify_source(data, source=source)
+    if shards is not None:
+        from ml_playground.checkpoint.sharded import verify_parts  # see load_checkpoint
+
+        verify_parts(store, shards, filename)
 
 
 @contextlib.contextmanager

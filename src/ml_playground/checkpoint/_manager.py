@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 from ml_playground.checkpoint._checkpoint import Checkpoint, ModelWeights
+from ml_playground.checkpoint._discovery import delete_all, discover
 from ml_playground.checkpoint._lease import DEFAULT_TTL, Lease
-from ml_playground.checkpoint._loading import load_checkpoint, load_weights, verify_checkpoint
-from ml_playground.checkpoint._naming import CheckpointInfo, CheckpointKind, CheckpointName, is_checkpoint_like
-from ml_playground.checkpoint._rotation import KeepPolicy, MetricMode, best_first, newest_first, to_delete
-from ml_playground.checkpoint._store import CheckpointStore
+from ml_playground.checkpoint._loading import load_checkpoint, load_manifest, load_weights, verify_checkpoint
+from ml_playground.checkpoint._naming import CheckpointInfo, CheckpointKind, CheckpointName
+from ml_playground.checkpoint._reads import load_chosen, rotated_away_if_missing
+from ml_playground.checkpoint._rotation import KeepPolicy, MetricMode, best_first, to_delete
+from ml_playground.checkpoint._store import CheckpointStore, StoredObject
+from ml_playground.checkpoint._view import StoredView
 from ml_playground.checkpoint.format import MapLocation, encode
-from ml_playground.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    CheckpointRotatedAwayError,
-)
+from ml_playground.errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = ["CheckpointManager"]
 
@@ -41,9 +40,7 @@ class CheckpointManager:
         self.keep = keep or KeepPolicy()
         self.mode: MetricMode = mode
         self.lease: Lease | None = None
-        # The stored checkpoint names as the lease holder last saw them: (the lease they belong to, names).
-        # Only the holder of a lease is the location's only writer, so only it may skip a fresh listing.
-        self._view: tuple[Lease, set[CheckpointName]] | None = None
+        self._view = StoredView(self.checkpoints)
 
     @property
     def supports_writer_lease(self) -> bool:
@@ -55,7 +52,8 @@ class CheckpointManager:
 
         Another live writer raises LocationLockedError naming it; a dead one's lease is taken over.
         ``force=True`` takes over a live writer's lease (an explicit user action). Use the returned
-        lease as a context manager (or call ``release()``) when the run ends.
+        lease as a context manager (or call ``release()``) when the run ends. The new writer removes the
+        leftovers of sharded saves that did not complete (:meth:`remove_leftovers`).
         """
         factory = self.store.capabilities.writer_lease
         if factory is None:
@@ -63,18 +61,31 @@ class CheckpointManager:
                 f"writer leases exist for local directories and s3:// locations; {self.store.url} has none yet"
             )
         self.lease = factory(force=force, ttl=ttl)
+        try:
+            self.remove_leftovers()
+        except BaseException:
+            self.lease.release()
+            self.lease = None
+            raise
         return self.lease
 
     # ------------------------------------------------------------ discovery
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, newest first; a ``ckpt_`` file that does not parse raises."""
-        infos = [
-            CheckpointInfo(CheckpointName.parse(obj.name), obj.size, obj.modified)
-            for obj in self.store.list()
-            if is_checkpoint_like(obj.name)
-        ]
-        return sorted(infos, key=lambda i: (i.iter_num, i.kind is CheckpointKind.LAST), reverse=True)
+        return discover(self.store.list()).strict().checkpoints
+
+    def leftovers(self) -> list[StoredObject]:
+        """Parts of sharded checkpoints whose manifest is absent: a save that failed (or is being written)."""
+        return discover(self.store.list()).strict().leftovers
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete the leftovers; only the writer may (on a store with leases, the lease holder)."""
+        if self.supports_writer_lease and self.lease is None:
+            raise CheckpointError(f"only the writer removes leftovers from {self.store.url}: take its lease first")
+        if self.lease is not None:
+            self.lease.check()
+        return delete_all(self.store, [obj.name for obj in self.leftovers()], "a leftover of a failed save")
 
     def latest(self) -> CheckpointInfo | None:
         """The highest iteration over both kinds; on a tie the last checkpoint (same state)."""
@@ -85,11 +96,6 @@ class CheckpointManager:
         """The best-metric checkpoint (ties: the newer one)."""
         by_name = {info.name: info for info in self.checkpoints() if info.kind is CheckpointKind.BEST}
         ranked = best_first(by_name, self.mode)
-        return by_name[ranked[0]] if ranked else None
-
-    def newest_last(self) -> CheckpointInfo | None:
-        by_name = {info.name: info for info in self.checkpoints() if info.kind is CheckpointKind.LAST}
-        ranked = newest_first(by_name)
         return by_name[ranked[0]] if ranked else None
 
     def resume_point(self, policy: Literal["latest", "best"]) -> CheckpointInfo | None:
@@ -141,22 +147,34 @@ class CheckpointManager:
 
     def save(self, kind: CheckpointKind, checkpoint: Checkpoint) -> CheckpointName | None:
         """Save ``checkpoint`` as ``kind`` (see :meth:`name_for`), then rotate."""
-        name = self.name_for(kind, checkpoint)
-        return None if name is None else self._save(name, checkpoint)
+        name = self.prepare_save(kind, checkpoint)
+        if name is None:
+            return None
+        with self._view.forgotten_on_failure(), self.store.write(name.filename) as stream:
+            encode(checkpoint, stream, destination=f"{self.store.url}/{name.filename}")
+        return self.committed(name)
 
-    def _save(self, name: CheckpointName, checkpoint: Checkpoint) -> CheckpointName:
-        with self._forget_view_on_failure():
+    def prepare_save(self, kind: CheckpointKind, checkpoint: Checkpoint) -> CheckpointName | None:
+        """The name ``checkpoint`` is saved under as ``kind`` (None: keep is 0), once the writer may write it:
+        its lease holds and the location holds no later iteration. A sharded save calls it, writes the parts
+        and the manifest, then calls :meth:`committed`."""
+        name = self.name_for(kind, checkpoint)
+        if name is None:
+            return None
+        with self._view.forgotten_on_failure():
             if self.lease is not None:
                 self.lease.check()
-            newest = max((stored.iter_num for stored in self._stored_names()), default=-1)
+            newest = max((stored.iter_num for stored in self._view.current(self.lease)), default=-1)
             if checkpoint.iter_num < newest:
                 raise CheckpointError(
                     f"refusing to save iteration {checkpoint.iter_num} into {self.store.url}, which holds "
                     f"iteration {newest}: a run never goes back in time. Use a new out_dir for a new run."
                 )
-            with self.store.write(name.filename) as stream:
-                encode(checkpoint, stream, destination=f"{self.store.url}/{name.filename}")
-            self._seen(added=name)
+        return name
+
+    def committed(self, name: CheckpointName, parts: tuple[str, ...] = ()) -> CheckpointName:
+        """Record that checkpoint ``name`` (with ``parts``) was committed, then rotate around it."""
+        self._view.added(self.lease, name, parts)
         logger.info("saved %s/%s", self.store.url, name.filename)
         try:
             if self.lease is not None:  # again: it may have been taken over during a long upload
@@ -181,91 +199,95 @@ class CheckpointManager:
         return self._rotate(protect)
 
     def _rotate(self, protect: CheckpointName | None) -> list[CheckpointName]:
-        with self._forget_view_on_failure():
+        with self._view.forgotten_on_failure():
             from_view = self.lease is not None
-            doomed = to_delete(self._stored_names(), self.keep, self.mode, protect)
+            stored = self._view.current(self.lease)
+            doomed = to_delete(stored, self.keep, self.mode, protect)
             for name in doomed:
                 try:
-                    self.store.delete(name.filename)
+                    self.store.delete(name.filename)  # the manifest first: the checkpoint is gone at once
                 except CheckpointNotFoundError:
                     if not from_view:
                         raise  # a fresh listing named it: its disappearance is news worth raising
                     # Our view named a file someone removed by hand: gone is what rotation wants.
                     logger.warning("%s/%s was already gone; the next save lists afresh", self.store.url, name.filename)
-                    self._view = None
+                    self._view.forget()
                     continue
-                self._seen(removed=name)
+                delete_all(self.store, stored[name], f"a part of {name.filename}")
+                self._view.removed(self.lease, name)
                 logger.info("rotated away %s/%s", self.store.url, name.filename)
         return doomed
-
-    def _stored_names(self) -> set[CheckpointName]:
-        """The stored checkpoints' names: listed afresh, unless this manager holds the lease and listed once."""
-        lease = self.lease
-        if lease is None:
-            return {info.name for info in self.checkpoints()}
-        if self._view is None or self._view[0] is not lease:
-            self._view = (lease, {info.name for info in self.checkpoints()})
-        return set(self._view[1])
-
-    def _seen(self, *, added: CheckpointName | None = None, removed: CheckpointName | None = None) -> None:
-        if self._view is None or self._view[0] is not self.lease:
-            return
-        if added is not None:
-            self._view[1].add(added)
-        if removed is not None:
-            self._view[1].discard(removed)
-
-    @contextlib.contextmanager
-    def _forget_view_on_failure(self) -> Iterator[None]:
-        # After any failure the store may hold what the view does not (or not what it does): re-list next time.
-        try:
-            yield
-        except BaseException:
-            self._view = None
-            raise
 
     # ------------------------------------------------------------ loading
 
     def load(
         self, filename: str, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False
     ) -> Checkpoint:
-        """Load one checkpoint by file name and check that its content matches its name.
+        """Load one checkpoint by file name and check that its content matches its name; a sharded one whole.
 
         ``mmap=True`` (local stores only) returns tensors backed by the file's pages; with
         ``verify=False`` as well the call returns before the tensor bytes are read, and
         :meth:`verify` checks the file later (DESIGN.md, Integrity). A file whose name does not start
         with ``ckpt_`` (a copy such as ``model.pt``) is loaded and verified, with no name to match.
+        A missing file raises (CheckpointRotatedAwayError when a newer one of its kind exists).
         """
-        name = self._parsed(filename)
-        with self._rotated_away_if_missing(filename, name):
+        with rotated_away_if_missing(self.store.url, filename, self.checkpoints) as name:
             return load_checkpoint(self.store, filename, name, map_location=map_location, verify=verify, mmap=mmap)
 
     def load_weights(self, filename: str, *, map_location: MapLocation = None, verify: bool = True) -> ModelWeights:
-        """Load one checkpoint's model and EMA weights (no optimizer, no RNG state), checked like :meth:`load`.
-
-        From a remote store only the model's and EMA's bytes are fetched, not the optimizer's
-        (docs/performance.md, target 7); ``verify`` checks the structure and those tensors' digests.
-        ``map_location=None`` puts the tensors on the CPU.
-        """
-        name = self._parsed(filename)
-        with self._rotated_away_if_missing(filename, name):
+        """One checkpoint's model and EMA weights (no optimizer, no RNG state), checked like :meth:`load`; from
+        a remote store only their bytes are fetched (docs/performance.md, target 7). ``map_location=None``: CPU."""
+        with rotated_away_if_missing(self.store.url, filename, self.checkpoints) as name:
             return load_weights(self.store, filename, name, map_location=map_location, verify=verify)
 
+    def load_manifest(self, filename: str) -> Checkpoint:
+        """The manifest of sharded checkpoint ``filename``, checked like :meth:`load`: no tensors, its ``shards``
+        record set (``checkpoint.sharded.load_into`` reads the tensors into a run's sharded state)."""
+        with rotated_away_if_missing(self.store.url, filename, self.checkpoints) as name:
+            return load_manifest(self.store, filename, name)
+
     def verify(self, filename: str) -> None:
-        """Check one checkpoint's checksums (memory-mapped where the store is local); damage raises."""
-        name = self._parsed(filename)
-        with self._rotated_away_if_missing(filename, name):
+        """Check one checkpoint's checksums (a sharded one's parts too); damage raises."""
+        with rotated_away_if_missing(self.store.url, filename, self.checkpoints):
             verify_checkpoint(self.store, filename)
 
-    @staticmethod
-    def _parsed(filename: str) -> CheckpointName | None:
-        return CheckpointName.parse(filename) if is_checkpoint_like(filename) else None
-
     def load_latest(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
-        return self._load_chosen(self.latest(), "any", map_location, verify, mmap)
+        """The latest checkpoint (highest iteration), chosen again if rotation deletes it first."""
+        return self.load_chosen("latest", map_location=map_location, verify=verify, mmap=mmap)[1]
 
     def load_best(self, *, map_location: MapLocation = None, verify: bool = True, mmap: bool = False) -> Checkpoint:
-        return self._load_chosen(self.best(), "best", map_location, verify, mmap)
+        """The best checkpoint by this manager's mode, chosen again if rotation deletes it first."""
+        return self.load_chosen("best", map_location=map_location, verify=verify, mmap=mmap)[1]
+
+    def load_chosen(
+        self,
+        policy: Literal["latest", "best"],
+        *,
+        map_location: MapLocation = None,
+        verify: bool = True,
+        mmap: bool = False,
+        on_choose: Callable[[CheckpointInfo], None] | None = None,
+    ) -> tuple[CheckpointInfo, Checkpoint]:
+        """The checkpoint ``policy`` picks (:meth:`choose`) and its :meth:`load`; which one was read comes first.
+
+        When rotation deletes the choice before it is read, it chooses again from a fresh listing, three
+        attempts in all; then CheckpointRotatedAwayError advises a larger keep or a best checkpoint.
+        ``on_choose`` is told each choice before it is read (e.g. to announce a download).
+        """
+        read = partial(self.load, map_location=map_location, verify=verify, mmap=mmap)
+        return load_chosen(self.store.url, policy, self.choose, read, on_choose)
+
+    def load_chosen_weights(
+        self,
+        policy: Literal["latest", "best"],
+        *,
+        map_location: MapLocation = None,
+        verify: bool = True,
+        on_choose: Callable[[CheckpointInfo], None] | None = None,
+    ) -> tuple[CheckpointInfo, ModelWeights]:
+        """:meth:`load_chosen` with :meth:`load_weights`: the chosen checkpoint's model and EMA weights only."""
+        read = partial(self.load_weights, map_location=map_location, verify=verify)
+        return load_chosen(self.store.url, policy, self.choose, read, on_choose)
 
     def choose(self, policy: Literal["latest", "best"]) -> CheckpointInfo:
         """The checkpoint a read policy picks; none of that kind raises CheckpointNotFoundError."""
@@ -274,27 +296,3 @@ class CheckpointManager:
             kind = "" if policy == "latest" else "best "
             raise CheckpointNotFoundError(f"no {kind}checkpoint in {self.store.url}")
         return info
-
-    def _load_chosen(
-        self, info: CheckpointInfo | None, kind: str, map_location: MapLocation, verify: bool, mmap: bool
-    ) -> Checkpoint:
-        if info is None:
-            what = "checkpoint" if kind == "any" else f"{kind} checkpoint"
-            raise CheckpointNotFoundError(f"no {what} in {self.store.url}")
-        return self.load(info.filename, map_location=map_location, verify=verify, mmap=mmap)
-
-    @contextlib.contextmanager
-    def _rotated_away_if_missing(self, filename: str, name: CheckpointName | None) -> Iterator[None]:
-        try:
-            yield
-        except CheckpointNotFoundError:
-            source = f"{self.store.url}/{filename}"
-            if name is None:
-                raise CheckpointNotFoundError(f"no file {source}") from None
-            newer = [info for info in self.checkpoints() if info.kind is name.kind and info.iter_num > name.iter_num]
-            if newer:
-                raise CheckpointRotatedAwayError(
-                    f"{source} was rotated away or never written: a newer {name.kind.value} checkpoint, "
-                    f"{newer[0].filename}, is there; load that one"
-                ) from None
-            raise CheckpointNotFoundError(f"no checkpoint {source}") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
@@ -35,16 +35,28 @@ class CheckpointKind(StrEnum):
 
 
 def format_metric(value: float) -> str:
-    return f"{value:.6f}"
+    """The metric as names print it: 6 decimals, and never ``-0.000000`` (a value that rounds to zero is zero)."""
+    text = f"{value:.6f}"
+    return "0.000000" if text == "-0.000000" else text
 
 
 @dataclass(frozen=True, order=False)
 class CheckpointName:
-    """A parsed checkpoint name. ``metric`` is the value printed in a best name (None for last)."""
+    """A parsed checkpoint name. ``metric`` is the value printed in a best name (None for last).
+
+    Two names are equal only when their file names are: ``-0.000000`` (which older versions wrote) and
+    ``0.000000`` hold equal values but are two files, each its own checkpoint in discovery and rotation.
+    """
 
     kind: CheckpointKind
     iter_num: int
-    metric: float | None = None
+    metric: float | None = field(default=None, compare=False)
+    metric_text: str | None = field(default=None, repr=False)
+    """The metric as the file name spells it (None for last); set from ``metric`` when not given."""
+
+    def __post_init__(self) -> None:
+        if self.metric_text is None and self.metric is not None:
+            object.__setattr__(self, "metric_text", format_metric(self.metric))
 
     @classmethod
     def last(cls, iter_num: int) -> CheckpointName:
@@ -67,8 +79,8 @@ class CheckpointName:
     def filename(self) -> str:
         if self.kind is CheckpointKind.LAST:
             return f"ckpt_last_{self.iter_num:08d}.pt"
-        assert self.metric is not None
-        return f"ckpt_best_{self.iter_num:08d}_{format_metric(self.metric)}.pt"
+        assert self.metric_text is not None
+        return f"ckpt_best_{self.iter_num:08d}_{self.metric_text}.pt"
 
     @classmethod
     def parse(cls, filename: str) -> CheckpointName:
@@ -76,7 +88,7 @@ class CheckpointName:
         if (match := _LAST_RE.match(filename)) is not None:
             parsed = cls(CheckpointKind.LAST, int(match.group(1)))
         elif (match := _BEST_RE.match(filename)) is not None:
-            parsed = cls(CheckpointKind.BEST, int(match.group(1)), float(match.group(2)))
+            parsed = cls(CheckpointKind.BEST, int(match.group(1)), float(match.group(2)), match.group(2))
         else:
             raise CheckpointNameError(
                 f"{filename!r} starts with {CHECKPOINT_PREFIX!r} but is not a checkpoint name "
@@ -102,11 +114,21 @@ def _check_iter(iter_num: int) -> int:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint as listed: its parsed name plus what the store knows of it."""
+    """A committed checkpoint as listed: its parsed name plus what the store knows of it.
+
+    A sharded checkpoint (a manifest and its part objects) lists its parts' names, its world size (read from
+    them) and as ``size`` the manifest's and parts' bytes together; a single file has no parts.
+    """
 
     name: CheckpointName
     size: int
     modified: datetime | None
+    parts: tuple[str, ...] = ()
+    world_size: int | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.parts)
 
     @property
     def filename(self) -> str:

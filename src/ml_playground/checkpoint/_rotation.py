@@ -32,13 +32,13 @@ class KeepPolicy:
 
 
 def newest_first(names: Iterable[CheckpointName]) -> list[CheckpointName]:
-    return sorted(names, key=lambda n: n.iter_num, reverse=True)
+    return sorted(names, key=lambda n: (n.iter_num, n.filename), reverse=True)
 
 
 def best_first(names: Iterable[CheckpointName], mode: MetricMode) -> list[CheckpointName]:
     """Best metric first; among equal metrics the newer one first."""
     sign = 1.0 if mode == "min" else -1.0
-    return sorted(names, key=lambda n: (sign * (n.metric or 0.0), -n.iter_num))
+    return sorted(names, key=lambda n: (sign * (n.metric or 0.0), -n.iter_num, n.filename))
 
 
 def to_delete(
@@ -62,7 +62,7 @@ def to_delete(
             ranked.remove(protect)
             quota = max(quota - 1, 0)
         doomed.extend(ranked[quota:])
-    return sorted(doomed, key=lambda n: (n.kind.value, n.iter_num, n.metric or 0.0))
+    return sorted(doomed, key=lambda n: (n.kind.value, n.iter_num, n.metric or 0.0, n.filename))
 
 
 def improves(value: float, best: float, mode: MetricMode) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ml_playground.checkpoint._lease import Lease
+    from ml_playground.checkpoint._lease import Lease, LeaseState
 
 __all__ = [
     "TEMP_PREFIX",
@@ -66,12 +66,17 @@ class Capabilities:
       None where the store prefers to be read as a stream (e.g. no room in ``TMPDIR``).
     - ``partial_copy(name)``: an empty sparse local copy that fetches chosen byte ranges
       (:class:`PartialCopy`), deleted when the block ends; None when ``TMPDIR`` cannot hold one.
+    - ``max_name_bytes``: the longest object name (UTF-8 bytes) the store holds; None: no limit of its own.
+    - ``lease_state()``: the writer lease's state as a reader sees it (``"held"``, ``"released"``,
+      ``"expired"``), read without taking the lease or writing anything; where there is a ``writer_lease``.
     """
 
     writer_lease: LeaseFactory | None = None
+    lease_state: Callable[[], LeaseState] | None = None
     local_path: Callable[[str], Path] | None = None
     local_copy: Callable[[str], AbstractContextManager[Path | None]] | None = None
     partial_copy: Callable[[str], AbstractContextManager[PartialCopy | None]] | None = None
+    max_name_bytes: int | None = None
 
 
 @runtime_checkable

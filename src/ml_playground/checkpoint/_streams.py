@@ -51,6 +51,8 @@ class FailureKeeping(io.RawIOBase):
             raise self.failure
 
     def _call(self, method: Callable[..., _T], *args: Any) -> _T:
+        if self._closed:  # e.g. a buffer flushed while the owner cleans up: never the kept failure again
+            raise ValueError("I/O operation on a closed checkpoint stream")
         if self.failure is not None:
             raise self.failure
         try:

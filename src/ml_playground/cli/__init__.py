@@ -1,26 +1,35 @@
 """The ``ml-playground`` command: train, sample, eval and checkpoint tools.
 
 Exit codes: 0 success; 1 a checkpoint, storage or data failure; 2 a usage or configuration error;
-130 interrupted (Ctrl-C). No traceback is printed for any of these.
+130 interrupted (Ctrl-C); 143 stopped by SIGTERM (after saving where it stopped, by default). No
+traceback is printed for any of these.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ml_playground.cli import ckpt
 from ml_playground.cli.common import EXPERIMENT_HELP, SET_HELP, Formatter, fail, load_config
+from ml_playground.cli.follow import FOLLOW_FLAGS, add_follow_args, cmd_follow
 from ml_playground.cli.render import Renderer
 from ml_playground.config import ExperimentConfig
 from ml_playground.errors import ConfigError, MLPlaygroundError
 from ml_playground.flows import sampling
+from ml_playground.flows.preemption import Preempted
 from ml_playground.flows.training import train
 from ml_playground.workload.model import runtime_device
 
-__all__ = ["build_parser", "main"]
+__all__ = ["PREEMPTED", "build_parser", "leave", "main", "run"]
+
+PREEMPTED = 143
+"""The exit code of a run a SIGTERM stopped (128 + 15, what a shell reports for a process SIGTERM killed)."""
+_TORCHRUN_WORKER = "TORCHELASTIC_RUN_ID"  # set by torchrun in the environment of every worker it starts
 
 _TRAIN_EXAMPLES = """examples:
   ml-playground train                                   # bundled tiny_chars into ./out/tiny_chars
@@ -39,6 +48,8 @@ _EVAL_EXAMPLES = """examples:
   ml-playground eval                                     # best checkpoint of ./out/tiny_chars
   ml-playground eval --from s3://my-bucket/runs/a
   ml-playground eval --checkpoint out/tiny_chars/ckpt_best_00000500_0.443188.pt --raw-weights
+  ml-playground eval --from s3://my-bucket/runs/a --follow --log evals.jsonl   # while it trains
+  ml-playground eval --checkpoint 'https://my-bucket.s3.amazonaws.com/runs/a/ckpt_last_00000400.pt?X-Amz-...'
 """
 
 
@@ -48,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small GPT on bundled data with crash-safe checkpoints on disk, S3 or GCS; "
         "sample from it; inspect and copy checkpoints.",
         epilog="exit codes: 0 ok, 1 checkpoint/storage/data failure, 2 usage or configuration error, "
-        "130 interrupted. Run 'ml-playground COMMAND --help' for examples.",
+        "130 interrupted, 143 stopped by SIGTERM. Run 'ml-playground COMMAND --help' for examples.",
         formatter_class=Formatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -87,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--from", dest="from_", metavar="PATH_OR_URL", help="a run location (directory or URL)")
         source.add_argument("--checkpoint", metavar="PATH_OR_URL", help="one checkpoint file (path or URL)")
         sub.add_argument("--raw-weights", action="store_true", help="use the raw weights even if EMA weights exist")
+        if name == "eval":
+            add_follow_args(sub)
         sub.set_defaults(func=func)
 
     ckpt.add_commands(commands)
@@ -103,7 +116,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args)
     with Renderer() as render:
         result = train(config, on_event=render, take_over=args.take_over)
-    if result.nothing_to_do:
+    if result.stopped_at is not None:  # SIGTERM: every rank exits 143, rank 0 said where it stopped
+        return PREEMPTED
+    if result.nothing_to_do or not result.main:  # under torchrun, rank 0 reports
         return 0
     val = result.last_metrics.get("val_loss")
     reached = f"; last val loss {val:.4f}" if val is not None else ""
@@ -143,6 +158,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.follow:
+        return cmd_follow(args)
+    given = [f"--{flag.replace('_', '-')}" for flag in FOLLOW_FLAGS if getattr(args, flag) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only apply with --follow")
     config, loaded = _load_for_reading(args)
     metrics = sampling.evaluate(loaded, device=config.sample.runtime.device)
     print(
@@ -150,6 +170,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"val loss {metrics['val_loss']:.6f}, train loss {metrics['train_loss']:.6f}"
     )
     return 0
+
+
+def run() -> NoReturn:
+    """The ``ml-playground`` command (and ``python -m ml_playground``): :func:`main`, then exit with its code."""
+    leave(main())
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with ``code``; a worker torchrun started leaves without the interpreter's teardown.
+
+    With torch 2.13, destroying gloo's objects at interpreter finalization (after the run ended and its process
+    group was destroyed) aborted a few runs in a hundred under load ("terminate called without an active
+    exception"), turning a finished run into a failed one.
+    """
+    if _TORCHRUN_WORKER in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the stores clean up their in-flight writes on the way out; earlier checkpoints are intact
         print("interrupted; every checkpoint written so far is intact", file=sys.stderr)
         return 130
+    except Preempted as exc:
+        print(f"{exc}; every checkpoint written so far is intact", file=sys.stderr)
+        return PREEMPTED
     except ConfigError as exc:
         return fail(exc, 2)
     except MLPlaygroundError as exc:

@@ -90,9 +90,9 @@ class LocationArgs:
         self._parsed.append(location)
         return location
 
-    def file(self, text: str) -> tuple[Location, str]:
+    def file(self, text: str, *, for_writing: bool = False) -> tuple[Location, str]:
         location, name = parse_checkpoint_ref(
-            text, base_dir=Path.cwd(), storage_options=self.options, only_applicable=True
+            text, base_dir=Path.cwd(), storage_options=self.options, only_applicable=True, for_writing=for_writing
         )
         self._parsed.append(location)
         return location, name

@@ -11,9 +11,9 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from ml_playground.flows.events import Event, Fetching, Note, Started, Stepped, Transferred
+from ml_playground.flows.events import CheckpointReport, Event, Fetching, Note, Started, Stepped, Transferred
 
-__all__ = ["Renderer"]
+__all__ = ["Renderer", "describe"]
 
 _ANNOUNCE_BYTES = 8 << 20
 """Reads and copies of at least this size are shown (a fetch line, a byte bar)."""
@@ -44,6 +44,8 @@ class Renderer:
                 print(f"fetching {event.url}{size} ...", file=self._err, flush=True)
         elif isinstance(event, Transferred):
             self._transferred(event)
+        elif isinstance(event, CheckpointReport):
+            self._line(describe(event))
 
     def close(self) -> None:
         if self._bar is not None:
@@ -77,3 +79,15 @@ class Renderer:
         if self._bars:
             self._bar = tqdm(dynamic_ncols=True, leave=False, file=self._err, **settings)
             self._bar_label = label
+
+
+def describe(report: CheckpointReport) -> str:
+    """The stdout line of one report."""
+    head = f"iter {report.iter_num} {report.kind:<4} {report.name}"
+    if report.status == "rotated_away":
+        return f"{head}: rotated away before it was read"
+    if report.status == "corrupt":
+        return f"{head}: CORRUPT ({report.error})"
+    saved = "-" if report.metric is None else f"{report.metric:.6f}"
+    line = f"{head}: saved metric {saved}, eval loss {report.eval_loss:.6f}"
+    return f"{line} (same state as {report.same_state_as})" if report.same_state_as else line

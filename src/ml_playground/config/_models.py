@@ -17,6 +17,7 @@ from ml_playground.locations import Location, StorageOptions
 __all__ = [
     "CheckpointingConfig",
     "DataConfig",
+    "DistributedConfig",
     "ExperimentConfig",
     "METRICS",
     "KeepConfig",
@@ -60,6 +61,8 @@ class CheckpointingConfig(BaseModel):
     mode: Literal["min", "max"] = "min"
     keep: KeepConfig = KeepConfig()
     async_save: bool = False
+    save_on_sigterm: bool = True
+    """On SIGTERM, stop at the next iteration boundary and save ``last`` there (docs/cli.md, exit 143)."""
 
 
 class ModelConfig(BaseModel):
@@ -98,6 +101,24 @@ class DataConfig(BaseModel):
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
 
 
+class DistributedConfig(BaseModel):
+    """How a run launched by ``torchrun`` trains across processes (docs/distributed.md); without torchrun,
+    ``"ddp"`` is a plain single process and ``"fsdp"`` a one-rank process group writing sharded checkpoints."""
+
+    model_config = _STRICT
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: every rank holds the model, rank 0 writes single-file checkpoints. ``fsdp``: the model, EMA and
+    optimizer are sharded across the ranks (FSDP2), every rank writes its part of each checkpoint."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``auto``: nccl on CUDA, gloo on the CPU."""
+    timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    """Bounds every collective and every wait for a save's outcome."""
+    preempt_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """How long the ranks wait to agree on where a SIGTERM stops the run (keep it under torchrun's shutdown
+    timeout); a rank gone meanwhile: no save, exit 143."""
+
+
 class TrainRuntimeConfig(BaseModel):
     model_config = _STRICT
 
@@ -111,6 +132,16 @@ class TrainRuntimeConfig(BaseModel):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     storage_options: StorageOptions = StorageOptions()
     checkpointing: CheckpointingConfig = CheckpointingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _backend_fits_the_device(self) -> TrainRuntimeConfig:
+        if self.distributed.backend == "nccl" and self.device != "cuda":
+            raise ValueError(
+                f"distributed.backend = 'nccl' needs device = 'cuda' (device is {self.device!r}); "
+                "use backend = 'gloo' or 'auto'"
+            )
+        return self
 
 
 RuntimeConfig = TrainRuntimeConfig

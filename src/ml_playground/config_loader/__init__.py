@@ -52,6 +52,7 @@ __all__ = [
     "parse_storage_options",
     "read_toml",
     "require_options_used",
+    "resolve_path",
 ]
 
 BUNDLED_EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"

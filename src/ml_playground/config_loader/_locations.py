@@ -5,12 +5,15 @@ The only place in the package that parses a ``scheme://`` string or resolves a r
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
+
+from pydantic import SecretStr
 
 from ml_playground.errors import ConfigError, MissingExtraError
 from ml_playground.locations import LocalLocation, Location, RemoteLocation, StorageOptions
@@ -47,8 +50,11 @@ def parse_location(
     """
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{what} must be a non-empty path or URL, got {text!r}")
-    text = text.strip()
-    options = storage_options or StorageOptions()
+    with _query_hidden(text):
+        return _parse_location(text.strip(), base_dir, storage_options or StorageOptions(), what, only_applicable)
+
+
+def _parse_location(text: str, base_dir: Path, options: StorageOptions, what: str, only_applicable: bool) -> Location:
     scheme_match = _SCHEME_PREFIX.match(text)
     if scheme_match is None:
         typo = _SCHEME_TYPO.match(text)
@@ -61,8 +67,13 @@ def parse_location(
         return _local(_file_url_path(text, base_dir, what), options, what, only_applicable)
     scheme = SCHEMES.get(scheme_name)
     if scheme is None:
-        allowed = ", ".join(["a local path", *(f"{s}://" for s in SCHEMES)])
+        allowed = ", ".join(["a local path", *(f"{s}://" for s in SCHEMES if not SCHEMES[s].single_file)])
         raise ConfigError(f"{what} {text!r}: unsupported URL scheme {scheme_name!r}; use {allowed}")
+    if scheme.single_file:
+        raise ConfigError(
+            f"{what} {text!r}: {scheme.name}:// URLs are read-only and name one checkpoint file, never a run "
+            "location or an out_dir; read it with sample/eval --checkpoint URL or ckpt show/verify/export/cp URL"
+        )
     _require_backend(scheme, text)
     root = _checked_root(text[len(scheme_match.group(0)) :], scheme, text, what)
     selected = applicable_options(options, scheme) if only_applicable else options
@@ -71,9 +82,22 @@ def parse_location(
 
 
 def parse_checkpoint_ref(
-    text: str, *, base_dir: Path, storage_options: StorageOptions | None = None, only_applicable: bool = False
+    text: str,
+    *,
+    base_dir: Path,
+    storage_options: StorageOptions | None = None,
+    only_applicable: bool = False,
+    for_writing: bool = False,
 ) -> tuple[Location, str]:
-    """Split a checkpoint file's path or URL into its run location and the checkpoint's name."""
+    """Split a checkpoint file's path or URL into its run location and the checkpoint's name.
+
+    ``for_writing``: the file is a destination (``ckpt cp``, ``ckpt export``), which a read-only URL
+    (``http(s)://``) cannot be.
+    """
+    single = _single_file_scheme(text)
+    if single is not None:
+        with _query_hidden(text):
+            return _file_url(text.strip(), single, storage_options or StorageOptions(), only_applicable, for_writing)
     stripped = text.strip().rstrip("/")
     parent, sep, name = stripped.rpartition("/")
     if _BARE_URL.match(stripped):
@@ -97,7 +121,10 @@ def parse_checkpoint_ref(
 
 
 def is_file_ref(text: str) -> bool:
-    """Whether a command-line location names one checkpoint file rather than a run location."""
+    """Whether a command-line location names one checkpoint file rather than a run location: its path
+    ends in ``.pt`` (for an ``http(s)://`` URL its path, not its query)."""
+    if _single_file_scheme(text) is not None:
+        return urlsplit(text.strip()).path.endswith(_CHECKPOINT_SUFFIX)
     return text.strip().rstrip("/").endswith(_CHECKPOINT_SUFFIX)
 
 
@@ -177,3 +204,60 @@ def _require_backend(scheme: Scheme, url: str) -> None:
             f"{url!r} needs the {scheme.requires} package, which is not installed; "
             f"install it with: pip install 'ml_playground[{scheme.extra}]'"
         )
+
+
+def _single_file_scheme(text: str) -> Scheme | None:
+    """The scheme of ``text`` when it is a URL of a read-only single-file scheme (``http(s)://``)."""
+    match = _SCHEME_PREFIX.match(text.strip())
+    scheme = SCHEMES.get(match.group(1).lower()) if match is not None else None
+    return scheme if scheme is not None and scheme.single_file else None
+
+
+def _file_url(
+    text: str, scheme: Scheme, options: StorageOptions, only_applicable: bool, for_writing: bool
+) -> tuple[RemoteLocation, str]:
+    """A URL of one file: the location of its directory holding that one object, with its query kept secret."""
+    parts = urlsplit(text)
+    shown = _shown(parts)
+    if for_writing:
+        raise ConfigError(f"{shown!r}: {scheme.name}:// URLs are read-only; write to a local path, s3:// or gs://")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{shown!r}: credentials in a URL's host part are not accepted; use a presigned URL")
+    if parts.fragment:
+        raise ConfigError(f"{shown!r}: a URL with a fragment (#...) names no file; remove the fragment")
+    if not parts.hostname:
+        raise ConfigError(f"checkpoint {shown!r} has no host; write {scheme.name}://HOST/PATH/FILE.pt")
+    directory, _, name = parts.path.rpartition("/")
+    if not name or name.startswith(".") or any(seg in (".", "..") for seg in directory.split("/")):
+        raise ConfigError(f"checkpoint {shown!r} names no checkpoint file; write {scheme.name}://HOST/PATH/FILE.pt")
+    selected = applicable_options(options, scheme) if only_applicable else options
+    _check_options(selected, scheme, "checkpoint")
+    query = SecretStr(parts.query) if parts.query else None
+    location = RemoteLocation(
+        scheme=scheme.name, root=f"{parts.netloc}{directory}", storage_options=selected, object_name=name, query=query
+    )
+    return location, name
+
+
+def _shown(parts: SplitResult) -> str:
+    """A URL as messages may show it: no credentials in the host part, the query as ``?...``."""
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}{'?...' if parts.query else ''}{'#...' if parts.fragment else ''}"
+
+
+@contextlib.contextmanager
+def _query_hidden(text: str) -> Iterator[None]:
+    """Errors about the URL ``text`` never show its query or host credentials (presigned signatures are secrets)."""
+    try:
+        yield
+    except ConfigError as exc:
+        message = str(exc)
+        if _SCHEME_TYPO.match(text.strip()) is not None or _SCHEME_PREFIX.match(text.strip()) is not None:
+            parts = urlsplit(text.strip())
+            userinfo = parts.netloc.rpartition("@")[0]
+            for secret, mask in ((f"?{parts.query}", "?..."), (f"#{parts.fragment}", "#..."), (f"{userinfo}@", "...@")):
+                if len(secret) > 1:
+                    message = message.replace(secret, mask).replace(repr(secret)[1:-1], mask)
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from None

@@ -1,4 +1,5 @@
-"""Checkpoint tools behind ``ml-playground ckpt``: list, show, verify, copy and export, on any store.
+"""Checkpoint tools behind ``ml-playground ckpt``: list, show, verify and export, on any store (copies:
+:mod:`.ckpt_copy`).
 
 Every function takes validated locations (from :mod:`ml_playground.config_loader`) and goes through
 :func:`~ml_playground.checkpoint.open_store`, so local paths and ``s3://`` / ``gs://`` URLs work alike.
@@ -11,7 +12,6 @@ import io
 import json
 import shutil
 from dataclasses import dataclass
-from typing import IO
 
 import torch
 
@@ -20,24 +20,22 @@ from ml_playground.checkpoint import (
     Checkpoint,
     CheckpointInfo,
     CheckpointManager,
-    CheckpointName,
     CheckpointStore,
+    StoredObject,
+    discover,
     open_store,
 )
 from ml_playground.errors import (
     CheckpointError,
     CheckpointExistsError,
-    CheckpointNameError,
     ConfigError,
     MissingExtraError,
 )
-from ml_playground.flows.events import EventSink, Transferred
 from ml_playground.locations import Location
 
 __all__ = [
-    "CopyResult",
+    "Listing",
     "VerifyResult",
-    "copy_checkpoints",
     "export_safetensors",
     "list_checkpoints",
     "read_checkpoint",
@@ -48,10 +46,20 @@ __all__ = [
 _CHUNK = 4 << 20
 
 
-def list_checkpoints(location: Location) -> tuple[str, list[CheckpointInfo]]:
-    """The store's URL and its committed checkpoints, newest first."""
-    manager = CheckpointManager(open_store(location))
-    return manager.store.url, manager.checkpoints()
+@dataclass(frozen=True)
+class Listing:
+    url: str
+    checkpoints: list[CheckpointInfo]
+    """Newest first; a sharded one with its parts and world size."""
+    leftovers: list[StoredObject]
+    """Parts of sharded saves that did not complete (or are being written): the next writer removes them."""
+
+
+def list_checkpoints(location: Location) -> Listing:
+    """The store's committed checkpoints and leftovers; a ``ckpt_`` name that parses as neither raises."""
+    store = open_store(location)
+    found = discover(store.list()).strict()
+    return Listing(store.url, found.checkpoints, found.leftovers)
 
 
 def read_checkpoint(location: Location, name: str) -> tuple[Checkpoint, str]:
@@ -66,92 +74,38 @@ class VerifyResult:
     url: str
     good: list[str]
     bad: dict[str, str]
+    leftovers: list[str]
+    """Listed, never failing the check: parts of saves that did not complete (the next writer removes them)."""
 
 
 def verify(location: Location, name: str | None = None) -> VerifyResult:
-    """Fully read and check every checkpoint in ``location`` (or just ``name``); collect every failure."""
+    """Fully read and check every checkpoint in ``location`` (a sharded one with all of its parts), or just
+    ``name``; collect every failure. A ``ckpt_`` name that is neither a checkpoint's nor a part's is bad."""
     store = open_store(location)
-    names = [name] if name is not None else [o.name for o in store.list() if o.name.startswith(CHECKPOINT_PREFIX)]
-    good: list[str] = []
+    manager = CheckpointManager(store)
+    found = discover(store.list())
+    sharded = {info.filename for info in found.checkpoints if info.sharded}
+    leftovers: list[str] = []
     bad: dict[str, str] = {}
+    if name is not None:
+        names = [name]
+    else:
+        names = [info.filename for info in found.checkpoints]
+        leftovers = [obj.name for obj in found.leftovers]
+        bad = {each: str(error) for each, error in found.unparsable.items()}
+    good: list[str] = []
     for each in sorted(names):
         try:
-            read_checkpoint(location, each)
+            if each in sharded:  # its manifest against its name, then every byte of its parts (one item at a time)
+                manager.load_manifest(each)
+                manager.verify(each)
+            else:
+                manager.load(each)
         except CheckpointError as exc:
             bad[each] = str(exc)
         else:
             good.append(each)
-    return VerifyResult(store.url, good, bad)
-
-
-@dataclass(frozen=True)
-class CopyResult:
-    source: str
-    destination: str
-    copied: list[str]
-
-
-def copy_checkpoints(
-    src: Location,
-    dst: Location,
-    *,
-    name: str | None = None,
-    dst_name: str | None = None,
-    on_event: EventSink | None = None,
-) -> CopyResult:
-    """Copy a run (every checkpoint in ``src``) or one checkpoint ``name`` into ``dst``.
-
-    Each file is streamed through the destination store's atomic write, then read back and verified;
-    a copy that fails verification is deleted again and the error names it. Existing names in ``dst``
-    are never overwritten.
-    """
-    source = open_store(src)
-    if name is None:
-        names = [info.filename for info in sorted(CheckpointManager(source).checkpoints(), key=lambda i: i.iter_num)]
-        if not names:
-            raise CheckpointError(f"no checkpoints in {source.url} to copy")
-    else:
-        names = [name]
-    target = open_store(dst, create=True)
-    sizes = {obj.name: obj.size for obj in source.list()}
-    present = {obj.name for obj in target.list()}
-    clashes = [dst_name or each for each in names if (dst_name or each) in present]
-    if clashes:  # before copying anything: never half a run
-        raise CheckpointExistsError(
-            f"{target.url} already holds {', '.join(clashes)}; nothing was copied (names are never overwritten)"
-        )
-    copied = []
-    for each in names:
-        out_name = dst_name or each
-        _check_target_name(out_name, target.url)
-        with source.open(each) as reader, target.write(out_name) as writer:
-            _copy_stream(reader, writer, sizes.get(each, 0), f"{each} -> {target.url}", on_event)
-        try:
-            read_checkpoint(dst, out_name)
-        except CheckpointError as exc:
-            target.delete(out_name)
-            raise CheckpointError(
-                f"the copy of {source.url}/{each} failed verification and was removed: {exc}"
-            ) from None
-        copied.append(out_name)
-    return CopyResult(source.url, target.url, copied)
-
-
-def _check_target_name(name: str, url: str) -> None:
-    if name.startswith(CHECKPOINT_PREFIX):
-        try:
-            CheckpointName.parse(name)
-        except CheckpointNameError as exc:
-            raise CheckpointNameError(f"cannot copy to {url}/{name}: {exc}") from None
-
-
-def _copy_stream(reader: IO[bytes], writer: IO[bytes], size: int, label: str, on_event: EventSink | None) -> None:
-    done = 0
-    while chunk := reader.read(_CHUNK):
-        writer.write(chunk)
-        done += len(chunk)
-        if on_event is not None:
-            on_event(Transferred(label, done, size))
+    return VerifyResult(store.url, good, dict(sorted(bad.items())), leftovers)
 
 
 def export_safetensors(
@@ -200,6 +154,7 @@ def summarize(checkpoint: Checkpoint) -> dict[str, object]:
     vocab = data.pop("vocab", None)
     return {
         "iteration": checkpoint.iter_num,
+        "world size": checkpoint.world_size,
         "best metric": checkpoint.best_val_loss,
         "model args": dict(checkpoint.model_args),
         "parameters": params,

@@ -9,8 +9,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["Event", "EventSink", "Fetching", "Note", "Started", "Stepped", "Transferred", "log_events"]
+__all__ = [
+    "CheckpointReport",
+    "Event",
+    "EventSink",
+    "Fetching",
+    "Note",
+    "Started",
+    "Stepped",
+    "Transferred",
+    "log_events",
+]
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,29 @@ class Transferred:
     total: int
 
 
-Event = Note | Started | Stepped | Fetching | Transferred
+@dataclass(frozen=True)
+class CheckpointReport:
+    """``eval --follow`` reports one checkpoint of the run it follows.
+
+    ``metric`` is the metric saved in the checkpoint (a rotated-away best one: its name's), ``eval_loss``
+    and ``train_loss`` what evaluating it gave now (None when it was not read). ``status``: ``evaluated``,
+    ``rotated_away`` (gone before it was read: not an error) or ``corrupt`` (``error`` says why; the follow
+    then fails). A last and a best checkpoint of one iteration hold one state: it is evaluated once and
+    reported for both, the second with ``same_state_as`` naming the first.
+    """
+
+    name: str
+    kind: str
+    iter_num: int
+    metric: float | None
+    eval_loss: float | None
+    train_loss: float | None
+    status: Literal["evaluated", "rotated_away", "corrupt"]
+    same_state_as: str | None = None
+    error: str | None = None
+
+
+Event = Note | Started | Stepped | Fetching | Transferred | CheckpointReport
 EventSink = Callable[[Event], None]
 
 
@@ -67,5 +100,7 @@ def log_events(logger: logging.Logger) -> EventSink:
             logger.info("fetching %s", event.url)
         elif isinstance(event, Stepped):
             logger.debug("iteration %d: loss %.4f", event.iteration, event.loss)
+        elif isinstance(event, CheckpointReport):
+            logger.info("%s: %s, eval loss %s", event.name, event.status, event.eval_loss)
 
     return sink

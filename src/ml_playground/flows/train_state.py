@@ -1,30 +1,39 @@
 """Everything a training run carries between steps, and its exact round trip through a Checkpoint.
 
-A checkpoint holds the model, the optimizer, the EMA shadow weights, the best metric so far, the
-global torch RNG state (dropout), the batch sampler's generator state and the number of batches it
-drew. Restoring all of them is what makes a resumed run bitwise identical to an uninterrupted one.
+A checkpoint holds the model, the optimizer, the EMA shadow weights, the best metric so far, every
+rank's global torch RNG state (dropout) and batch sampler generator state, and the number of batches
+drawn. Restoring all of them is what makes a resumed run bitwise identical to an uninterrupted one.
+
+Randomness per rank and the checks of a resume are in :mod:`ml_playground.flows.resume`; a sharded (FSDP2)
+state's parts in :mod:`ml_playground.flows.fsdp`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ml_playground.checkpoint import Checkpoint
 from ml_playground.config import ExperimentConfig, TrainConfig
-from ml_playground.errors import CheckpointSchemaError, ConfigError
+from ml_playground.errors import CheckpointSchemaError
+from ml_playground.flows.resume import (
+    check_resumable,
+    derived_seed,
+    fitting,
+    model_args_for,
+    restored_randomness,
+    rng_keys,
+)
 from ml_playground.workload.data import BatchSampler, Splits
-from ml_playground.workload.model import GPT, GPTArgs
+from ml_playground.workload.model import GPT
 
-__all__ = ["TrainState", "plain_config"]
+__all__ = ["TrainState", "make_optimizer", "plain_config"]
 
-
-def model_args_for(tc: TrainConfig, splits: Splits) -> GPTArgs:
-    m = tc.model
-    return GPTArgs(splits.tokenizer.size, m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias)
+RankRandomness = dict[str, torch.Tensor]
+"""One rank's generator states: ``{"torch": global RNG (dropout), "data": the batch sampler's}``."""
 
 
 def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.AdamW:
@@ -68,6 +77,7 @@ class TrainState:
         ema: dict[str, torch.Tensor] | None,
     ) -> None:
         self.model = model
+        self.trainable: torch.nn.Module = model  # what a step runs: the model, or its DDP wrapper
         self.optimizer = optimizer
         self.sampler = sampler
         self.device = device
@@ -77,41 +87,44 @@ class TrainState:
         self.ema = ema
 
     @classmethod
-    def fresh(cls, tc: TrainConfig, splits: Splits, device: torch.device) -> TrainState:
-        torch.manual_seed(tc.runtime.seed)
+    def fresh(cls, tc: TrainConfig, splits: Splits, device: torch.device, rank: int = 0) -> TrainState:
+        seed = tc.runtime.seed
+        torch.manual_seed(seed)  # the same initial model on every rank
         model = GPT(model_args_for(tc, splits)).to(device)
         model.train()
-        sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, tc.runtime.seed)
+        own = seed if rank == 0 else derived_seed(seed, rank)
+        if rank:
+            torch.manual_seed(own)
+        sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, own)
         ema = _ema_init(model) if tc.runtime.ema_decay > 0 else None
         best = math.inf if tc.runtime.checkpointing.mode == "min" else -math.inf
         return cls(model, make_optimizer(model, tc), sampler, device, iter_num=0, best=best, ema=ema)
 
     @classmethod
     def restore(
-        cls, tc: TrainConfig, splits: Splits, device: torch.device, ckpt: Checkpoint, *, source: str
+        cls, tc: TrainConfig, splits: Splits, device: torch.device, ckpt: Checkpoint, *, source: str, rank: int = 0
     ) -> TrainState:
-        args = model_args_for(tc, splits)
-        saved = GPTArgs.from_plain(ckpt.model_args, source=source)
-        _require_same(saved.to_plain(), args.to_plain(), "train.model", source)
-        described = splits.describe()
-        stored = {k: ckpt.data_state.get(k) for k in described}
-        _require_same(stored, dict(described), "train.data", source)
-        _require_same(
-            {"ema_decay": _saved_ema_decay(ckpt, source)}, {"ema_decay": tc.runtime.ema_decay}, "train.runtime", source
-        )
+        args = check_resumable(tc, splits, ckpt, source)
         model = GPT(args).to(device)
-        model.load_state_dict(ckpt.model)
+        fitting(source, "model state", lambda: model.load_state_dict(ckpt.model))
         model.train()
         optimizer = make_optimizer(model, tc)
-        optimizer.load_state_dict(dict(ckpt.optimizer))
-        sampler = BatchSampler(splits.train, tc.model.block_size, tc.data.batch_size, tc.runtime.seed)
-        drawn = ckpt.data_state.get("batches_drawn")
-        if "data" not in ckpt.rng_state or "torch" not in ckpt.rng_state or not isinstance(drawn, int):
-            raise CheckpointSchemaError(f"{source}: the checkpoint lacks the RNG and data state a resume needs")
-        sampler.restore(ckpt.rng_state["data"], drawn)
-        torch.set_rng_state(ckpt.rng_state["torch"])
+        fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        fitting(source, "optimizer state", lambda: optimizer.load_state_dict(dict(ckpt.optimizer)))
+        _check_optimizer(optimizer, fresh_groups, source)
+        sampler = restored_randomness(tc, splits, ckpt, source, rank)
+        if ckpt.ema is not None and {k: v.shape for k, v in ckpt.ema.items()} != {
+            k: v.shape for k, v in model.state_dict().items()
+        }:
+            raise CheckpointSchemaError(f"{source}: its EMA weights do not fit its model")
         ema = _ema_copy(ckpt.ema) if ckpt.ema is not None else None
         return cls(model, optimizer, sampler, device, iter_num=ckpt.iter_num, best=ckpt.best_val_loss, ema=ema)
+
+    def distribute(self) -> None:
+        """Train through DistributedDataParallel (gradients averaged over the ranks; the process group is up).
+
+        The checkpoint keeps the unwrapped module's state dict: no ``module.`` prefix."""
+        self.trainable = torch.nn.parallel.DistributedDataParallel(self.model)
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -119,7 +132,7 @@ class TrainState:
     def step(self, grad_clip: float, ema_decay: float) -> float:
         """One optimizer step on the next training batch; returns its loss."""
         x, y = self.sampler.next()
-        _, loss = self.model(x.to(self.device), y.to(self.device))
+        _, loss = self.trainable(x.to(self.device), y.to(self.device))
         assert loss is not None
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,45 +143,60 @@ class TrainState:
             _ema_update(self.ema, self.model, ema_decay)
         return float(loss.item())
 
-    def to_checkpoint(self, config: Mapping[str, Any], splits: Splits) -> Checkpoint:
-        rng = {"torch": torch.get_rng_state(), "data": self.sampler.state()}
+    def randomness(self) -> RankRandomness:
+        """This rank's generator states, as they are now."""
+        return {"torch": torch.get_rng_state(), "data": self.sampler.state()}
+
+    def to_checkpoint(
+        self,
+        config: Mapping[str, Any],
+        splits: Splits,
+        ranks: Sequence[RankRandomness] | None = None,
+        *,
+        tensors: bool = True,
+    ) -> Checkpoint:
+        """The state as a checkpoint; ``ranks`` is every rank's randomness (in rank order), else this process's.
+        ``tensors=False``: without model, optimizer and EMA (a sharded checkpoint's manifest, whose shards
+        every rank writes)."""
+        every = list(ranks) if ranks is not None else [self.randomness()]
+        rng: dict[str, torch.Tensor] = {}
+        for rank, states in enumerate(every):
+            torch_key, data_key = rng_keys(rank)
+            rng[torch_key], rng[data_key] = states["torch"], states["data"]
         return Checkpoint(
-            model=self.model.state_dict(),
-            optimizer=self.optimizer.state_dict(),
+            model=self.model.state_dict() if tensors else {},
+            optimizer=self.optimizer.state_dict() if tensors else {},
             model_args=self.model.args.to_plain(),
             iter_num=self.iter_num,
             best_val_loss=self.best,
             config=config,
-            ema=self.ema,
+            ema=self.ema if tensors else None,
             rng_state=rng,
             data_state={**splits.describe(), "batches_drawn": self.sampler.batches_drawn},
+            world_size=len(every),
         )
 
 
-def _require_same(saved: Mapping[str, object], wanted: Mapping[str, object], section: str, source: str) -> None:
-    differing = [
-        f"{section}.{k}: checkpoint {saved[k]!r}, config {wanted[k]!r}" for k in wanted if saved[k] != wanted[k]
-    ]
-    if differing:
-        raise ConfigError(
-            f"cannot resume {source}: the run was trained with a different setup ({'; '.join(differing)}). "
-            "Use the run's original settings, or a new train.runtime.out_dir for a new run"
-        )
-
-
-def _saved_ema_decay(ckpt: Checkpoint, source: str) -> float:
-    """The EMA decay the checkpoint's run trained with, from its saved config."""
-    train = ckpt.config.get("train")
-    runtime = train.get("runtime") if isinstance(train, Mapping) else None
-    decay = runtime.get("ema_decay") if isinstance(runtime, Mapping) else None
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise CheckpointSchemaError(f"{source}: its config lacks train.runtime.ema_decay, which a resume must keep")
-    if (decay > 0) != ckpt.has_ema:
-        raise CheckpointSchemaError(
-            f"{source}: its config says train.runtime.ema_decay = {decay}, but it "
-            f"{'holds no' if decay > 0 else 'holds'} EMA weights"
-        )
-    return float(decay)
+def _check_optimizer(optimizer: torch.optim.AdamW, fresh: list[dict[str, Any]], source: str) -> None:
+    """What torch's ``load_state_dict`` does not check, and the first step would trip over: the groups'
+    settings and every moment's shape."""
+    for group, wanted in zip(optimizer.param_groups, fresh, strict=True):
+        for key, value in group.items():
+            if key in ("lr", "eps", "weight_decay", "initial_lr"):
+                ok = isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
+            elif key == "betas":
+                ok = isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(b, float) for b in value)
+            else:
+                ok = key == "params" or (key in wanted and value == wanted[key])
+            if not ok:
+                raise CheckpointSchemaError(f"{source}: its optimizer setting {key} = {str(value)[:40]} does not fit")
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                shape = torch.Size([]) if key == "step" else param.shape
+                if not isinstance(value, torch.Tensor) or value.shape != shape or not value.is_floating_point():
+                    raise CheckpointSchemaError(
+                        f"{source}: its optimizer state {key} does not fit the parameter of shape {tuple(param.shape)}"
+                    )
 
 
 def _ema_init(model: GPT) -> dict[str, torch.Tensor]:

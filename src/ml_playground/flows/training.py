@@ -10,28 +10,34 @@ Order at iteration ``i`` (``i = start .. max_iters``, the training step skipped 
 A checkpoint at ``i`` therefore holds the state after ``i``'s evaluation and before ``i``'s step, and a
 resumed run continues with the training step of the checkpoint's iteration (no evaluation or save
 repeats), which makes it bitwise identical to an uninterrupted run on CPU.
+
+Under torchrun (docs/distributed.md) every rank runs this loop on its own batches, DDP averages the
+gradients, and rank 0 takes every decision (resume point, each evaluation's metric, each save) and
+writes every checkpoint; a save's outcome reaches every rank before the next step.
 """
 
 from __future__ import annotations
 
-import math
+import secrets
 from dataclasses import dataclass
-
-import torch
 
 from ml_playground.checkpoint import (
     Checkpoint,
     CheckpointManager,
-    CheckpointSaver,
     KeepPolicy,
-    improves,
+    Lease,
     open_saver,
     open_store,
 )
 from ml_playground.config import ExperimentConfig, TrainConfig
-from ml_playground.flows.evaluation import eval_batches, evaluate
-from ml_playground.flows.events import EventSink, Note, Started, Stepped, log_events
-from ml_playground.flows.train_state import TrainState, plain_config
+from ml_playground.errors import CheckpointNotFoundError, ConfigError, StorageUnavailableError
+from ml_playground.flows import limits
+from ml_playground.flows._loop import Saves, SingleFileSaves, TrainingLoop
+from ml_playground.flows.distributed import Ranks
+from ml_playground.flows.events import Event, EventSink, Note, Started, log_events
+from ml_playground.flows.preemption import Preemption
+from ml_playground.flows.resume import check_resumable, model_args_for, restored_randomness
+from ml_playground.flows.train_state import TrainState
 from ml_playground.workload.data import Splits, load_splits
 from ml_playground.workload.model import runtime_device
 
@@ -40,7 +46,11 @@ __all__ = ["TrainResult", "train"]
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a ``train`` call did: where, up to which iteration, and which checkpoints the location holds."""
+    """What a ``train`` call did: where, up to which iteration, and which checkpoints the location holds.
+
+    ``main`` is False on the ranks other than 0 of a torchrun launch (they report nothing). ``stopped_at``
+    is set when a SIGTERM stopped the run before ``max_iters`` (docs/cli.md, preemption).
+    """
 
     location: str
     start_iter: int
@@ -49,144 +59,242 @@ class TrainResult:
     last_metrics: dict[str, float]
     best_metric: float
     checkpoints: list[str]
+    main: bool = True
+    stopped_at: int | None = None
+    """The iteration a SIGTERM stopped the run at (the CLI then exits 143); None when it completed."""
 
 
 def train(config: ExperimentConfig, *, on_event: EventSink | None = None, take_over: bool = False) -> TrainResult:
     """Train (or resume) the run in ``config.train.runtime.out_dir``, reporting to ``on_event`` as it goes
-    (default: the run's logger, ``config.context.logger``).
+    (default: the run's logger, ``config.context.logger``); under torchrun only rank 0 reports.
 
     A local or ``s3://`` run location is held under the manager's writer lease for the whole run, so a
     second ``train`` on the same location stops with LocationLockedError instead of interleaving saves.
     ``take_over=True`` takes a live writer's lease (an explicit user action; that writer stops at its next save).
     """
-    emit = on_event or log_events(config.context.logger)
-    tc = config.train
-    rt = tc.runtime
-    ck = rt.checkpointing
-    device = runtime_device("train.runtime.device", rt.device)
-    splits = load_splits(tc.data.corpus_chars, tc.data.val_fraction, tc.model.block_size)
-    store = open_store(rt.out_dir, create=True)
-    manager = CheckpointManager(store, KeepPolicy(last=ck.keep.last, best=ck.keep.best), mode=ck.mode)
-    lease = manager.acquire_writer(force=take_over) if manager.supports_writer_lease else None
-    if lease is None:
-        emit(Note(f"note: {store.url} has no writer lease; never run two trainers on this location at once"))
+    rt = config.train.runtime
+    runtime_device("train.runtime.device", rt.device)
+    ranks = Ranks.start(rt.distributed, rt.device)
     try:
-        return _train(config, splits, manager, device, emit)
+        emit = (on_event or log_events(config.context.logger)) if ranks.is_main else _silent
+        tc = config.train
+        splits = load_splits(tc.data.corpus_chars, tc.data.val_fraction, tc.model.block_size)
+        _require_training_memory(tc, splits)
+        manager, lease = _open_run(config, ranks, take_over, emit)
+        try:
+            _check_shared_location(manager, ranks)
+            result = _train(config, splits, manager, ranks, emit)
+        finally:
+            if lease is not None:
+                lease.release()
+    except BaseException:
+        ranks.close(together=False)
+        raise
+    ranks.close()
+    return result
+
+
+def _silent(event: Event) -> None:
+    """The sink of ranks other than 0: logs, progress and the summary come from rank 0 only."""
+
+
+def _open_run(
+    config: ExperimentConfig, ranks: Ranks, take_over: bool, emit: EventSink
+) -> tuple[CheckpointManager, Lease | None]:
+    """Rank 0 makes the location, takes the writer lease; then every rank opens it (only rank 0 writes)."""
+    rt = config.train.runtime
+    ck = rt.checkpointing
+    keep = KeepPolicy(last=ck.keep.last, best=ck.keep.best)
+
+    def writer() -> tuple[CheckpointManager, Lease | None]:
+        manager = CheckpointManager(open_store(rt.out_dir, create=True), keep, mode=ck.mode)
+        lease = manager.acquire_writer(force=take_over) if manager.supports_writer_lease else None
+        if lease is None:
+            emit(
+                Note(f"note: {manager.store.url} has no writer lease; never run two trainers on this location at once")
+            )
+            manager.remove_leftovers()  # what acquire_writer does for a store with leases
+        return manager, lease
+
+    def reader() -> CheckpointManager:
+        if opened is not None:
+            return opened[0]
+        try:
+            return CheckpointManager(open_store(rt.out_dir), keep, mode=ck.mode)
+        except CheckpointNotFoundError:  # rank 0 made it: this rank does not see the same location
+            raise _not_shared(str(rt.out_dir), ranks.rank) from None
+
+    opened = ranks.on_main(writer)
+    try:
+        manager = ranks.everywhere(reader)
+    except BaseException:
+        if opened is not None and opened[1] is not None:
+            opened[1].release()
+        raise
+    return manager, opened[1] if opened is not None else None
+
+
+def _check_shared_location(manager: CheckpointManager, ranks: Ranks) -> None:
+    """Every rank must see the location rank 0 writes (a local out_dir: one directory shared by every node)."""
+    if not ranks.distributed:
+        return
+    store = manager.store
+    name = ranks.decide(f".ml_playground.ranks.{secrets.token_hex(8)}")
+    token = name.rpartition(".")[2].encode()
+
+    def write() -> None:
+        with store.write(name) as stream:
+            stream.write(token)
+
+    def read() -> None:
+        try:
+            with store.open(name) as stream:
+                seen = stream.read()
+        except Exception as exc:
+            seen = repr(exc).encode()
+        if seen != token:
+            raise _not_shared(store.url, ranks.rank)
+
+    ranks.on_main(write)
+    try:
+        ranks.everywhere(read)
     finally:
-        if lease is not None:
-            lease.release()
+        ranks.on_main(lambda: store.delete(name))
+
+
+def _not_shared(url: str, rank: int) -> StorageUnavailableError:
+    return StorageUnavailableError(
+        f"{url} is not the location rank 0 writes to (rank {rank} cannot see what rank 0 wrote there): every "
+        "rank must see one out_dir; a local out_dir of a multi-node run must be one shared directory (the same "
+        "path on a shared file system, e.g. an absolute path)"
+    )
 
 
 def _train(
-    config: ExperimentConfig, splits: Splits, manager: CheckpointManager, device: torch.device, emit: EventSink
+    config: ExperimentConfig, splits: Splits, manager: CheckpointManager, ranks: Ranks, emit: EventSink
 ) -> TrainResult:
     tc = config.train
     rt = tc.runtime
     ck = rt.checkpointing
-    store = manager.store
-    chosen = manager.resume_point(ck.read_policy)
-    resumed = manager.load(chosen.filename) if chosen is not None else None
+    url = manager.store.url
+    chosen = ranks.on_main(lambda: manager.resume_point(ck.read_policy))
+    name, sharded = ranks.decide(
+        (ranks.observed(chosen.filename), chosen.sharded) if chosen is not None else (None, False)
+    )
+    strategy = rt.distributed.strategy
+    if name is not None and sharded != (strategy == "fsdp"):
+        raise ConfigError(
+            f"{url}/{name} is a {'sharded' if sharded else 'single-file'} checkpoint, written with "
+            f"train.runtime.distributed.strategy = {'fsdp' if sharded else 'ddp'!r}, and this run uses "
+            f"{strategy!r}: a run keeps its strategy. Set strategy = {'fsdp' if sharded else 'ddp'!r}"
+            + (", or write it as a single file with `ml-playground ckpt consolidate`" if sharded else "")
+        )
+    load = manager.load_manifest if sharded else manager.load
+    resumed = ranks.everywhere(lambda: load(name)) if name is not None else None
     if ck.keep.last == 0 and ck.keep.best == 0:
         emit(Note("keep.last = 0 and keep.best = 0: this run writes no checkpoints"))
     if resumed is not None and resumed.iter_num >= rt.max_iters:
         emit(
             Note(
-                f"nothing to do: {store.url} is already at iteration {resumed.iter_num} "
+                f"nothing to do: {url} is already at iteration {resumed.iter_num} "
                 f"and train.runtime.max_iters is {rt.max_iters}; raise max_iters to train further"
             )
         )
+        names = _names(manager)
         return TrainResult(
-            store.url, resumed.iter_num, resumed.iter_num, True, {}, resumed.best_val_loss, _names(manager)
+            url, resumed.iter_num, resumed.iter_num, True, {}, resumed.best_val_loss, names, ranks.is_main
         )
-    state = (
-        TrainState.fresh(tc, splits, device)
-        if resumed is None
-        else TrainState.restore(tc, splits, device, resumed, source=store.url)
-    )
+    state = _state(tc, splits, manager, ranks, name, resumed)
+    if resumed is not None and resumed.world_size != ranks.world_size:
+        emit(
+            Note(
+                f"note: {name} was written by {resumed.world_size} process(es) and this run has "
+                f"{ranks.world_size}: the data order differs from an uninterrupted run's"
+            )
+        )
     start = state.iter_num
     what = f"resuming from iteration {start}" if resumed is not None else "starting a fresh run"
-    emit(Note(f"{what} in {store.url} ({state.param_count():,} parameters, vocabulary of {splits.tokenizer.size})"))
-    saver = open_saver(manager, async_save=ck.async_save)
-    loop = _Loop(config, splits, state, saver, store.url, emit)
+    processes = f", {ranks.world_size} processes" if ranks.world_size > 1 else ""
+    sharding = ", sharded (FSDP)" if strategy == "fsdp" else ""
+    emit(
+        Note(
+            f"{what} in {url} ({state.param_count():,} parameters, vocabulary of {splits.tokenizer.size}"
+            f"{processes}{sharding})"
+        )
+    )
+    saves: Saves
+    if strategy == "fsdp":
+        from ml_playground.flows import fsdp  # see _state
+
+        saves = fsdp.ShardedSaver(manager, ranks, async_save=ck.async_save, timeout_s=rt.distributed.timeout_s)
+    else:
+        saves = SingleFileSaves(ranks.on_main(lambda: open_saver(manager, async_save=ck.async_save)), ranks)
     emit(Started(rt.max_iters, start))
     try:
-        metrics = loop.run(skip_first=resumed is not None)
+        with Preemption(save_first=ck.save_on_sigterm) as preemption:
+            loop = TrainingLoop(config, splits, state, saves, url, ranks, emit, preemption)
+            resumed_last = name is not None and name.startswith("ckpt_last_")
+            stop = loop.run(resumed=resumed is not None, resumed_last=resumed_last)
+            saves.close()  # an asynchronous save still in flight commits (or raises, on every rank) before we report
     except BaseException as exc:
         try:
-            saver.close()
+            saves.close(failed=True)
         except BaseException as background:  # the training error wins; the background one is attached
             exc.add_note(f"and the background checkpoint save failed too: {background!r}")
         raise
-    saver.close()  # an asynchronous save still in flight commits (or raises) before we report
-    return TrainResult(store.url, start, rt.max_iters, False, metrics, state.best, _names(manager))
+    names = _names(manager) if ranks.is_main else []
+    end = stop.stopped_at if stop.stopped_at is not None else rt.max_iters
+    return TrainResult(url, start, end, False, stop.metrics, state.best, names, ranks.is_main, stop.stopped_at)
+
+
+def _state(
+    tc: TrainConfig,
+    splits: Splits,
+    manager: CheckpointManager,
+    ranks: Ranks,
+    name: str | None,
+    resumed: Checkpoint | None,
+) -> TrainState:
+    """The run's state: fresh or resumed, then spread over the ranks (DDP) or sharded across them (FSDP)."""
+    source = f"{manager.store.url}/{name}"
+    if tc.runtime.distributed.strategy == "fsdp":
+        # imported here: torch.distributed's FSDP and checkpoint modules take half a second, which no other
+        # command (and no DDP run) should pay
+        from ml_playground.flows import fsdp
+
+        if resumed is None:
+            state = TrainState.fresh(tc, splits, ranks.device, ranks.rank)
+        else:
+            check_resumable(tc, splits, resumed, source)
+            state = TrainState.fresh(tc, splits, ranks.device, ranks.rank)
+            state.sampler = restored_randomness(tc, splits, resumed, source, ranks.rank)
+            state.iter_num = state.start_iter = resumed.iter_num
+            state.best = resumed.best_val_loss
+        fsdp.shard(state, tc, ranks)
+        if resumed is not None and name is not None:
+            ranks.everywhere(lambda: fsdp.load_sharded(state, manager, name, resumed))
+        return state
+    if resumed is None:
+        state = TrainState.fresh(tc, splits, ranks.device, ranks.rank)
+    else:
+        state = TrainState.restore(tc, splits, ranks.device, resumed, source=source, rank=ranks.rank)
+    if ranks.distributed:
+        state.distribute()
+    return state
+
+
+def _require_training_memory(tc: TrainConfig, splits: Splits) -> None:
+    """A model or batch this machine cannot hold is a ConfigError naming the setting, before it is built."""
+    m = tc.model
+    params, activations = limits.training_bytes(
+        model_args_for(tc, splits), tc.data.batch_size, ema=tc.runtime.ema_decay > 0
+    )
+    if params >= activations:
+        what = f"train.model.n_embd = {m.n_embd} (with train.model.n_layer = {m.n_layer}): training that model"
+    else:
+        what = f"train.data.batch_size = {tc.data.batch_size} (with train.model.block_size = {m.block_size}): a batch"
+    limits.require_memory(params + activations, what, ConfigError)
 
 
 def _names(manager: CheckpointManager) -> list[str]:
     return sorted(info.filename for info in manager.checkpoints())
-
-
-class _Loop:
-    def __init__(
-        self,
-        config: ExperimentConfig,
-        splits: Splits,
-        state: TrainState,
-        saver: CheckpointSaver,
-        url: str,
-        emit: EventSink,
-    ) -> None:
-        self.config = config
-        self.tc: TrainConfig = config.train
-        self.splits = splits
-        self.state = state
-        self.saver = saver
-        self.url = url
-        self.saved = "saving (in the background)" if self.tc.runtime.checkpointing.async_save else "saved"
-        self.emit = emit
-        self.plain_config = plain_config(config)
-        rt, data, model = self.tc.runtime, self.tc.data, self.tc.model
-        # fixed evaluation batches: every evaluation measures the same text, so metrics compare across iterations
-        self.eval_batches = eval_batches(splits, model.block_size, data.batch_size, rt.eval_iters, rt.seed)
-
-    def run(self, *, skip_first: bool) -> dict[str, float]:
-        rt = self.tc.runtime
-        metrics: dict[str, float] = {}
-        for i in range(self.state.iter_num, rt.max_iters + 1):
-            self.state.iter_num = i
-            if not (skip_first and i == self.state.start_iter):
-                if i % rt.eval_interval == 0:
-                    metrics = self._evaluate_and_save_best(i)
-                if i % rt.checkpointing.interval == 0 or i == 0 or i == rt.max_iters:
-                    self._save_last()
-            if i < rt.max_iters:
-                loss = self.state.step(self.tc.optim.grad_clip, self.tc.runtime.ema_decay)
-                self.emit(Stepped(i + 1, loss))
-                if (i + 1) % rt.log_interval == 0 or i + 1 == rt.max_iters:
-                    self.emit(Note(f"iter {i + 1}/{rt.max_iters}: train batch loss {loss:.4f}"))
-        return metrics
-
-    def _evaluate_and_save_best(self, i: int) -> dict[str, float]:
-        ck = self.tc.runtime.checkpointing
-        metrics = evaluate(self.state.model, self.eval_batches, self.state.device)
-        value = metrics[ck.metric]
-        improved = improves(value, self.state.best, ck.mode)
-        mark = " (best so far)" if improved else ""
-        self.emit(
-            Note(f"eval at iter {i}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}{mark}")
-        )
-        if improved:
-            self.state.best = value
-            name = self.saver.save_best(self._checkpoint())
-            if name is not None:
-                self.emit(Note(f"{self.saved} {self.url}/{name.filename}"))
-        elif not math.isfinite(value):
-            self.emit(Note(f"warning: {ck.metric} is {value} at iter {i}; it never counts as an improvement"))
-        return metrics
-
-    def _save_last(self) -> None:
-        name = self.saver.save_last(self._checkpoint())
-        if name is not None:
-            self.emit(Note(f"{self.saved} {self.url}/{name.filename}"))
-
-    def _checkpoint(self) -> Checkpoint:
-        return self.state.to_checkpoint(self.plain_config, self.splits)

@@ -162,7 +162,10 @@ def tokenizer_for_checkpoint(data_state: Mapping[str, object], *, source: str) -
     vocab = data_state.get("vocab")
     if not isinstance(vocab, str) or not vocab:
         raise CheckpointSchemaError(f"{source}: data_state.vocab is missing; it was not written by the trainer")
-    return CharTokenizer(vocab)
+    try:
+        return CharTokenizer(vocab)
+    except ValueError as exc:
+        raise CheckpointSchemaError(f"{source}: data_state.vocab is invalid: {exc}") from None
 
 
 class BatchSampler:

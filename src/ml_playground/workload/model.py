@@ -16,7 +16,10 @@ from torch.nn import functional as F
 
 from ml_playground.errors import CheckpointSchemaError, ConfigError
 
-__all__ = ["GPT", "GPTArgs", "runtime_device"]
+__all__ = ["GREEDY_BELOW", "GPT", "GPTArgs", "runtime_device"]
+
+GREEDY_BELOW = 1e-6
+"""Sampling temperatures below this pick the most likely token (greedy decoding) instead of dividing by them."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,23 @@ class GPTArgs:
 
     def to_plain(self) -> dict[str, int | float | bool]:
         return asdict(self)
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every entry of :class:`GPT`'s state dict, computed without allocating anything."""
+        c, width = self.n_embd, (self.n_embd,)
+        linear = {"attn.qkv": (3 * c, c), "attn.proj": (c, c), "mlp.fc": (4 * c, c), "mlp.proj": (c, 4 * c)}
+        shapes: dict[str, tuple[int, ...]] = {"wte.weight": (self.vocab_size, c), "wpe.weight": (self.block_size, c)}
+        for i in range(self.n_layer):
+            block = f"blocks.{i}"
+            for name in ("ln_1", "attn.qkv", "attn.proj", "ln_2", "mlp.fc", "mlp.proj"):
+                shapes[f"{block}.{name}.weight"] = linear.get(name, width)
+                if self.bias:
+                    shapes[f"{block}.{name}.bias"] = linear[name][:1] if name in linear else width
+        shapes["ln_f.weight"] = width
+        if self.bias:
+            shapes["ln_f.bias"] = width
+        shapes["lm_head.weight"] = (self.vocab_size, c)
+        return shapes
 
     @classmethod
     def from_plain(cls, data: Mapping[str, object], *, source: str) -> GPTArgs:
@@ -160,6 +180,9 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             context = idx[:, -self.args.block_size :]
             logits, _ = self(context)
+            if temperature < GREEDY_BELOW:  # the limit of ever lower temperatures; 1/t would overflow float32
+                idx = torch.cat([idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)], dim=1)
+                continue
             logits = logits[:, -1, :] / temperature
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]

@@ -20,6 +20,7 @@ from ml_playground.checkpoint._tree import check_plain_tree
 from ml_playground.checkpoint.format import _digests
 from ml_playground.checkpoint.format._migrations import MIGRATIONS, TENSOR_SECTIONS
 from ml_playground.checkpoint.format._reader import opened, plan
+from ml_playground.checkpoint.format._tensors import check_loaded
 from ml_playground.checkpoint.format._torch import MapLocation, first_line, load, load_unread, on_device
 from ml_playground.checkpoint.format._version import FORMAT_MAGIC, FORMAT_VERSION
 from ml_playground.checkpoint.format._zip_layout import Archive
@@ -48,7 +49,7 @@ Payload = dict[str, Any]
 Source = IO[bytes] | Path
 """What ``decode``/``verify`` read: an open binary stream, or the path of a local file."""
 
-_META_FIELDS = ("iter_num", "best_val_loss", "model_args", "config", "data_state")
+_META_FIELDS = ("iter_num", "best_val_loss", "model_args", "config", "data_state", "world_size")
 
 
 def decode(
@@ -78,6 +79,8 @@ def decode(
         payload, version = read
     else:
         payload = load(archive, location, mmap)
+        # bounded by the pickle's size, before any other walk or any read of a tensor's bytes
+        check_loaded(payload, archive, meta_ok=device is not None and device.type == "meta" and not elsewhere)
         version = check_header(payload, source)
         if verify:
             try:
@@ -99,6 +102,9 @@ def _read_verified(archive: Archive, map_location: MapLocation) -> tuple[Payload
         if data is None:
             return None
         payload = load_unread(archive, map_location)
+        # bounded by the pickle's size, before any other walk; every tensor lies inside its storage, and no
+        # storage claims more bytes than the file holds (their memory is allocated, not yet touched)
+        check_loaded(payload, archive)
         version = check_header(payload, source)
         if not archive.native_byte_order():
             return None
@@ -126,14 +132,19 @@ def usable_device(map_location: MapLocation, source: str) -> torch.device | None
     return device
 
 
-def verify(data: Source, *, source: str) -> None:
+def verify(data: Source, *, source: str) -> Mapping[str, Any] | None:
     """Check the checksums of the checkpoint in ``data`` without keeping it; raises if it is damaged.
 
-    A local path is memory-mapped, so verifying costs one read of the file and no copy of it.
+    A local path is memory-mapped, so verifying costs one read of the file and no copy of it. Returns the
+    ``shards`` record of a sharded checkpoint's manifest (whose parts the caller checks), else None.
     """
-    payload = load(Archive(data, source), None, isinstance(data, Path))
+    archive = Archive(data, source)
+    payload = load(archive, None, isinstance(data, Path))
+    check_loaded(payload, archive)
     check_header(payload, source)
     verify_sections(payload, source)
+    shards = payload.get("shards")
+    return shards if isinstance(shards, Mapping) else None
 
 
 def check_header(payload: Any, source: str) -> int:
@@ -231,6 +242,7 @@ def _to_checkpoint(payload: Payload, source: str) -> Checkpoint:
             optimizer=payload["optimizer"],
             ema=payload["ema"],
             rng_state=payload["rng_state"],
+            shards=payload.get("shards"),
             **meta,
         )
     except CheckpointSchemaError as exc:

@@ -22,6 +22,7 @@ import torch
 from ml_playground.checkpoint._checkpoint import Checkpoint
 from ml_playground.checkpoint._streams import FailureKeeping
 from ml_playground.checkpoint.format import _digests
+from ml_playground.checkpoint.format._tensors import check_saveable
 from ml_playground.checkpoint.format._torch import crc32_off
 from ml_playground.checkpoint.format._version import FORMAT_MAGIC, FORMAT_VERSION
 from ml_playground.errors import CheckpointError
@@ -32,7 +33,11 @@ Payload = dict[str, Any]
 
 
 def encode(checkpoint: Checkpoint, stream: IO[bytes], *, destination: str = "the stream") -> None:
-    """Write ``checkpoint`` to ``stream`` (which need not be seekable); ``destination`` names it in errors."""
+    """Write ``checkpoint`` to ``stream`` (which need not be seekable); ``destination`` names it in errors.
+
+    A tensor that is not plain (sparse, meta, an expanded view...) raises CheckpointError before the first write.
+    """
+    check_saveable(checkpoint, destination)
     body: Payload = {
         "format": FORMAT_MAGIC,
         "format_version": FORMAT_VERSION,
@@ -42,11 +47,13 @@ def encode(checkpoint: Checkpoint, stream: IO[bytes], *, destination: str = "the
             "model_args": dict(checkpoint.model_args),
             "config": dict(checkpoint.config),
             "data_state": dict(checkpoint.data_state),
+            "world_size": checkpoint.world_size,
         },
         "model": dict(checkpoint.model),
         "ema": None if checkpoint.ema is None else dict(checkpoint.ema),
         "rng_state": dict(checkpoint.rng_state),
         "optimizer": dict(checkpoint.optimizer),
+        "shards": None if checkpoint.shards is None else dict(checkpoint.shards),
     }
     tensors = [tensor for _, _, tensor in _digests.tensors(body)]
     with _DigestThread(tensors, destination) as digests, contextlib.ExitStack() as crc_off:

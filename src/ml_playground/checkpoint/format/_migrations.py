@@ -53,5 +53,20 @@ def _v1_to_v2(payload: Payload) -> Payload:
     return {**body, "integrity": {**stored, **structure, "tensors": tensors}}
 
 
-MIGRATIONS: dict[int, Callable[[Payload], Payload]] = {1: _v1_to_v2}
+def _v2_to_v3(payload: Payload) -> Payload:
+    """v3 records the world size a checkpoint was written at (``meta.world_size``); older files were
+    written by one process. The structure digest is re-derived only where the old one matches."""
+    meta = payload["meta"]
+    if not isinstance(meta, dict):
+        return {**payload, "format_version": 3}
+    old_body = {key: value for key, value in payload.items() if key != "integrity"}
+    body = {**old_body, "format_version": 3, "meta": {**meta, "world_size": 1}, "shards": None}
+    stored = payload["integrity"]
+    if not isinstance(stored, dict):
+        return {**body, "integrity": stored}
+    matches = stored.get("structure") == _digests.structure_record(old_body)["structure"]
+    return {**body, "integrity": {**stored, **(_digests.structure_record(body) if matches else {})}}
+
+
+MIGRATIONS: dict[int, Callable[[Payload], Payload]] = {1: _v1_to_v2, 2: _v2_to_v3}
 """``MIGRATIONS[v]`` turns a verified payload of format version ``v`` into version ``v + 1``."""

@@ -24,7 +24,6 @@ import ctypes
 import io
 import os
 import threading
-import zipfile
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ import xxhash
 
 from ml_playground.checkpoint._tree import walk
 from ml_playground.checkpoint.format import _digests
-from ml_playground.checkpoint.format._zip_layout import LOCAL_HEADER_SIZE, Archive, Record, data_start
+from ml_playground.checkpoint.format._zip_layout import LOCAL_HEADER_SIZE, Archive, Record, data_start, open_regular
 from ml_playground.errors import CheckpointCorruptError, CheckpointNotFoundError, StorageError
 
 __all__ = ["PIECE", "Plan", "opened", "plan"]
@@ -79,22 +78,19 @@ def opened(archive: Archive) -> Iterator[Bytes | None]:
     rotated away meanwhile); None for a stream that cannot seek. A stream is put back where it was."""
     data, source = archive.data, archive.source
     if isinstance(data, Path):
-        if not hasattr(os, "preadv"):
-            with data.open("rb", buffering=0) as handle:
-                yield Bytes(stream=handle)
-            return
-        try:
-            fd = os.open(data, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:  # a regular file only, opened without blocking (a FIFO is refused, never waited on)
+            handle = open_regular(data, source, buffering=0)
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"no checkpoint {source}") from None
         except OSError as exc:
             raise StorageError(f"cannot read {source}: {exc.strerror or exc}") from None
-        try:
+        with handle:
+            if not hasattr(os, "preadv"):
+                yield Bytes(stream=handle)
+                return
             if hasattr(os, "posix_fadvise"):  # a larger readahead window when the page cache is cold
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            yield Bytes(fd=fd)
-        finally:
-            os.close(fd)
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            yield Bytes(fd=handle.fileno())
         return
     if not data.seekable():
         yield None
@@ -147,7 +143,7 @@ def plan(
     ``read`` names the top-level sections whose storages are read (None: all); ``tensors`` are the payload
     body's tensors in walk order (``_digests.tensors``), and those in the sections ``hashed`` (a subset of
     ``read``) get their digests computed, at the same index. None when a tensor is not a plain dense CPU
-    tensor, when a storage record is compressed, or when the storages do not pair with the records.
+    tensor, or when the storages do not pair with the records (``load_unread`` has refused compressed records).
     """
     order: list[torch.UntypedStorage] = []
     seen: set[int] = set()
@@ -164,9 +160,6 @@ def plan(
                 order.append(storage)
             if read is None or section in read:
                 wanted.add(storage.data_ptr())
-    infos = archive.infos()
-    if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
-        return None
     records = sorted(
         (
             record

@@ -25,7 +25,7 @@ from typing import IO, Any
 import torch
 
 from ml_playground.checkpoint._tree import map_tensors
-from ml_playground.checkpoint.format._zip_layout import Archive
+from ml_playground.checkpoint.format._zip_layout import Archive, open_regular
 from ml_playground.errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
@@ -73,6 +73,7 @@ def load(archive: Archive, map_location: MapLocation, mmap: bool) -> Any:
     _check_magic(data, source)
     meta = map_location is not None and torch.device(map_location).type == "meta"
     try:
+        archive.check_stored()  # before torch inflates anything: no compressed members (zip bombs)
         if isinstance(data, Path) or meta:  # a stream only when torch would compute offsets from it
             archive.check_storage_alignment()
         with warnings.catch_warnings():
@@ -112,7 +113,7 @@ def _check_magic(data: Path | IO[bytes], source: str) -> None:
     # torch.save writes a zip archive; anything else would take torch.load's legacy pickle path
     if isinstance(data, Path):
         try:
-            with data.open("rb") as handle:
+            with open_regular(data, source) as handle:
                 magic = handle.read(len(_ZIP_MAGIC))
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"no checkpoint {source}") from None

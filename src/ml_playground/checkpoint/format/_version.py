@@ -3,5 +3,5 @@
 __all__ = ["FORMAT_MAGIC", "FORMAT_VERSION"]
 
 FORMAT_MAGIC = "ml_playground.checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The version this package writes. Older versions load through migrations; newer ones are refused."""

@@ -36,6 +36,7 @@ from ml_playground.checkpoint.format._decode import (
     usable_device,
 )
 from ml_playground.checkpoint.format._reader import opened, plan
+from ml_playground.checkpoint.format._tensors import check_loaded
 from ml_playground.checkpoint.format._torch import MapLocation, load_unread, on_device
 from ml_playground.checkpoint.format._zip_layout import TAIL, Archive, coalesce, directory_start
 from ml_playground.errors import CheckpointCorruptError, CheckpointSchemaError
@@ -87,6 +88,7 @@ def read_weights(
     with opened(archive) as data:
         assert data is not None  # a local file
         payload = load_unread(archive, "cpu")  # the pickle and the metadata records; no tensor bytes
+        check_loaded(payload, archive)  # bounded by the pickle's size; reads no tensor bytes either
         version = check_header(payload, source)
         tensors = checked_structure(payload, source) if verify else []
         reads = plan(archive, payload, tensors, read=_FETCHED, hashed=_VERIFIED)
@@ -107,10 +109,6 @@ def _to_weights(payload: Mapping[str, Any], source: str, device: torch.device) -
         copies: dict[int, torch.UntypedStorage] = {}
         model, ema = (on_device(state, device, copies) for state in (model, ema))
     try:
-        return ModelWeights(
-            model=model,
-            ema=ema,
-            **meta,
-        )
+        return ModelWeights(model=model, ema=ema, shards=payload.get("shards"), **meta)
     except CheckpointSchemaError as exc:
         raise CheckpointSchemaError(f"{source}: {exc}") from None

@@ -13,8 +13,9 @@ coalesces ranges. It does no I/O but reading the local file or stream it is give
 from __future__ import annotations
 
 import contextlib
-import io
+import os
 import re
+import stat
 import struct
 import sys
 import zipfile
@@ -33,6 +34,7 @@ __all__ = [
     "coalesce",
     "data_start",
     "directory_start",
+    "open_regular",
 ]
 
 TAIL = 64 * 2**10
@@ -62,9 +64,26 @@ class Record:
         return match.group(1) if match else None
 
 
+def open_regular(path: Path, source: str, *, buffering: int = -1) -> IO[bytes]:
+    """``path`` opened for reading, if it is a regular file: a FIFO, a device or a directory is an error, and
+    the open itself never blocks (``O_NONBLOCK``: a FIFO with no writer would otherwise hang the reader)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise CheckpointCorruptError(f"{source} is {kind}, not a regular file; it is not a checkpoint")
+        os.set_blocking(fd, True)
+        handle: IO[bytes] = os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+    return handle
+
+
 def directory_start(path: Path, size: int, source: str) -> int:
     """The central directory's offset, from the EOCD (and zip64) records within the file's last ``TAIL`` bytes."""
-    with path.open("rb") as handle:
+    with open_regular(path, source) as handle:
         return _directory_start(handle, size, source)
 
 
@@ -106,6 +125,7 @@ class Archive:
         self.data = data
         self.source = source
         self._infos: list[zipfile.ZipInfo] | None = None
+        self._size: int | None = None
 
     def infos(self) -> list[zipfile.ZipInfo]:
         """The directory's members by offset; an unreadable directory is CheckpointCorruptError."""
@@ -120,6 +140,39 @@ class Archive:
                     raise CheckpointCorruptError(f"{self.source} has an unreadable zip directory ({exc})") from None
         return self._infos
 
+    def check_stored(self) -> None:
+        """Every member must be stored uncompressed within the archive's bytes (our writer never compresses).
+
+        A deflated ``data.pkl`` would be inflated by torch's reader before anything else could look at it:
+        a zip bomb of a few MB inflates to GBs. Checked on the directory, before ``torch.load`` reads it.
+        """
+        size = self.size()
+        for info in self.infos():
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise CheckpointCorruptError(
+                    f"{self.source} is damaged or hostile: its zip member {info.filename[:100]} is compressed "
+                    f"(method {info.compress_type}); ml_playground writes and reads only uncompressed archives"
+                )
+            if info.header_offset + info.file_size > size:
+                raise CheckpointCorruptError(
+                    f"{self.source} is damaged: its zip member {info.filename[:100]} claims {info.file_size} bytes "
+                    f"at byte {info.header_offset}, past the archive's end ({size} bytes)"
+                )
+
+    def pickle_size(self) -> int:
+        """The size of the archive's pickle (``<archive>/data.pkl``); what a walk of its content may cost."""
+        sizes = [info.file_size for info in self.infos() if info.filename.endswith("/data.pkl")]
+        if len(sizes) != 1:
+            raise CheckpointCorruptError(f"{self.source} is not a torch.save archive (it has {len(sizes)} data.pkl)")
+        return sizes[0]
+
+    def size(self) -> int:
+        """The archive's size in bytes."""
+        if self._size is None:
+            with self._handle() as handle:
+                self._size = handle.seek(0, 2)
+        return self._size
+
     def records(self, directory: int) -> list[Record]:
         """Every record, by offset, each ending where the next begins (the last where the directory does)."""
         infos = self.infos()
@@ -132,7 +185,7 @@ class Archive:
     def directory_start(self) -> int:
         """The central directory's offset (for :meth:`records`), read from the end of the archive."""
         with self._handle() as handle:
-            return _directory_start(handle, handle.seek(0, io.SEEK_END), self.source)
+            return _directory_start(handle, self.size(), self.source)
 
     def check_storage_alignment(self) -> None:
         """The ``.storage_alignment`` record must read as a positive integer.
@@ -193,7 +246,7 @@ class Archive:
     def _handle(self) -> Iterator[IO[bytes]]:
         """The archive's bytes, at whatever position; a stream is put back where it was."""
         if isinstance(self.data, Path):
-            with self.data.open("rb") as handle:
+            with open_regular(self.data, self.source) as handle:
                 yield handle
             return
         start = self.data.tell()

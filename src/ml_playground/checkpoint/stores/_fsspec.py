@@ -33,6 +33,7 @@ __all__ = ["READ_BLOCK_SIZE", "FsspecStore"]
 
 READ_BLOCK_SIZE = 16 * 2**20
 """Bytes fetched per ranged GET when reading: bounds a reader's memory, amortises request latency."""
+_MAX_KEY_BYTES = 1024
 _MIB = 2**20
 
 
@@ -73,7 +74,12 @@ class FsspecStore:
     @property
     def capabilities(self) -> Capabilities:
         """Sparse partial copies (``fs.cat_ranges``); a backend adds what it can do better."""
-        return Capabilities(partial_copy=self._partial_copy)
+        return Capabilities(partial_copy=self._partial_copy, max_name_bytes=self.max_name_bytes)
+
+    @property
+    def max_name_bytes(self) -> int:
+        """Object keys have at most 1,024 bytes (S3, GCS), this location's prefix included."""
+        return _MAX_KEY_BYTES - len(self.location.key("").encode())
 
     # ------------------------------------------------------------ reading
 

@@ -1,4 +1,4 @@
-"""The one boundary where botocore / aiobotocore / s3fs / gcsfs / aiohttp / OS errors become ours.
+"""The one boundary where botocore / aiobotocore / s3fs / gcsfs / aiohttp / urllib / OS errors become ours.
 
 Every backend status code and errno the stores act on is in the tables below; stores ask
 :func:`is_conflict`, :func:`is_missing` and :func:`is_changed` instead of comparing codes themselves.
@@ -155,7 +155,7 @@ def error_code(exc: BaseException) -> str | None:
             if status:
                 return str(status)
         status = getattr(link, "code", None)
-        if isinstance(status, int) and type(link).__name__ == "HttpError":
+        if isinstance(status, int) and type(link).__name__ in ("HttpError", "HTTPError"):  # gcsfs, urllib
             return str(status)
     return None
 

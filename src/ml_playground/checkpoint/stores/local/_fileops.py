@@ -10,13 +10,17 @@ import ctypes
 import errno
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FileOps", "fsync_dir"]
+__all__ = ["NO_FOLLOW", "FileOps", "fsync_dir", "open_regular_file"]
 
 logger = logging.getLogger(__name__)
+
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+"""Flags of every file we open in a run location: a symlink planted there is never followed."""
 
 
 def _linux_libc(name: str, *argtypes: Any) -> Any:
@@ -79,7 +83,7 @@ class FileOps:
     """
 
     def open(self, path: Path) -> int:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o644)
 
     def write(self, fd: int, data: memoryview) -> int:
         return os.write(fd, data)
@@ -109,6 +113,23 @@ class FileOps:
 
     def unlink(self, path: Path) -> None:
         os.unlink(path)
+
+
+def open_regular_file(path: Path) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file, opened without following a symlink and
+    without blocking (a FIFO with no writer would hang the open). Raises OSError: ELOOP for a symlink,
+    EINVAL (with a message saying what it is) for anything but a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NO_FOLLOW)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise OSError(errno.EINVAL, f"{kind}, not a regular file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _full_fsync(fd: int) -> None:

@@ -22,17 +22,29 @@ import fcntl
 import json
 import logging
 import os
+import secrets
+import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, Lease, LeaseHolder, process_alive
-from ml_playground.checkpoint.stores.local._fileops import fsync_dir
+from ml_playground.checkpoint._lease import (
+    DEFAULT_TTL,
+    LEASE_NAME,
+    MAX_LEASE_BYTES,
+    Lease,
+    LeaseHolder,
+    LeaseState,
+    MalformedLeaseError,
+    process_alive,
+)
+from ml_playground.checkpoint.stores.local._fileops import NO_FOLLOW, fsync_dir, open_regular_file
 from ml_playground.errors import CheckpointError, LocationLockedError, StorageError
 
-__all__ = ["WriterLease"]
+__all__ = ["WriterLease", "lease_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +74,10 @@ class WriterLease(Lease):
 
     def check(self) -> None:
         """Raise LocationLockedError unless this writer still holds the lease."""
-        current = self._read()
+        try:
+            current = self._read()
+        except MalformedLeaseError:  # not ours any more, whoever wrote it
+            current = None
         if current is None or current.token != self.holder.token:
             raise self._taken_over(self.location, current.describe() if current is not None else None)
 
@@ -71,7 +86,7 @@ class WriterLease(Lease):
         self._stop.set()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)
-        with self._guard():
+        with self._guard(), contextlib.suppress(MalformedLeaseError):  # not ours: left to whoever wrote it
             current = self._read()
             if current is not None and current.token == self.holder.token:
                 with contextlib.suppress(FileNotFoundError):
@@ -81,7 +96,13 @@ class WriterLease(Lease):
 
     def _acquire(self, force: bool) -> None:
         with self._guard():
-            current = self._read()
+            try:
+                current = self._read()
+            except MalformedLeaseError as exc:
+                if not force:
+                    raise
+                logger.warning("replacing %s (taken over by force): %s", self._path, exc)
+                current = None
             if current is not None:
                 alive, why = self._holder_state(current)
                 if alive and not force:
@@ -102,23 +123,13 @@ class WriterLease(Lease):
 
     def _holder_state(self, holder: LeaseHolder) -> tuple[bool, str]:
         """Whether ``holder`` may still be writing, and why we think so."""
-        if holder.host == self.holder.host:
-            if not process_alive(holder.pid, holder.process_start):
-                return False, "its process is gone"
-            return True, "its process is alive"
-        try:
-            age = time.time() - os.stat(self._path).st_mtime
-        except FileNotFoundError:
-            return False, "its lease vanished"
-        if age > self.ttl:
-            return False, f"it has not refreshed its lease for {age:.0f} s (ttl {self.ttl:.0f} s)"
-        return True, f"it refreshed its lease {age:.0f} s ago"
+        return _holder_state(self._path, holder, self.holder.host, self.ttl)
 
     def _write(self) -> None:
-        temp = self.location / f"{LEASE_NAME}.{self.holder.pid}.{self.holder.token}.tmp"
+        temp = self.location / f"{LEASE_NAME}.{self.holder.pid}.{secrets.token_hex(8)}.tmp"  # unpredictable
         data = json.dumps(asdict(self.holder), sort_keys=True).encode()
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o644)
             try:
                 os.write(fd, data)
                 os.fsync(fd)
@@ -132,18 +143,7 @@ class WriterLease(Lease):
             raise StorageError(f"cannot write the writer lease {self._path}: {exc.strerror or exc}") from None
 
     def _read(self) -> LeaseHolder | None:
-        try:
-            raw = self._path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot read the writer lease {self._path}: {exc.strerror or exc}") from None
-        try:
-            return LeaseHolder(**json.loads(raw))
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(
-                f"{self._path} is not a writer lease this package wrote ({exc}); remove it if no job writes here"
-            ) from None
+        return _read(self._path)
 
     # ------------------------------------------------------------ heartbeat and guard
 
@@ -153,7 +153,7 @@ class WriterLease(Lease):
                 current = self._read()
                 if current is None or current.token != self.holder.token:
                     return  # taken over: the next check() reports it
-                os.utime(self._path)
+                os.utime(self._path, follow_symlinks=False)
             except (OSError, CheckpointError) as exc:  # the next beat retries before the lease expires
                 logger.warning("writer lease heartbeat on %s failed: %s", self.location, exc)
 
@@ -161,7 +161,11 @@ class WriterLease(Lease):
     def _guard(self) -> Iterator[None]:
         """An exclusive flock held while the lease is inspected and replaced; the kernel frees it on death."""
         try:
-            fd = os.open(self.location / _GUARD_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            # never through a symlink planted under its name, never blocking on a FIFO there
+            fd = os.open(self.location / _GUARD_NAME, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | NO_FOLLOW, 0o644)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, f"{_GUARD_NAME} is not a regular file; remove it")
         except OSError as exc:
             raise StorageError(f"cannot use {self.location} for a writer lease: {exc.strerror or exc}") from None
         try:
@@ -179,3 +183,55 @@ class WriterLease(Lease):
             yield
         finally:
             os.close(fd)  # releases the flock
+
+
+def lease_state(location: Path, *, ttl: float = DEFAULT_TTL) -> LeaseState:
+    """The writer lease of ``location`` as a reader sees it; reads the lease file only (no guard, no write).
+
+    The file is replaced atomically (``os.replace``), so an unguarded read sees a whole lease or none.
+    """
+    path = Path(location) / LEASE_NAME
+    holder = _read(path)
+    if holder is None:
+        return "released"
+    alive, _ = _holder_state(path, holder, socket.gethostname(), ttl)
+    return "held" if alive else "expired"
+
+
+def _holder_state(path: Path, holder: LeaseHolder, this_host: str, ttl: float) -> tuple[bool, str]:
+    """Whether ``holder`` of the lease file ``path`` may still be writing, and why we think so."""
+    if holder.host == this_host:
+        if not process_alive(holder.pid, holder.process_start):
+            return False, "its process is gone"
+        return True, "its process is alive"
+    try:
+        age = time.time() - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return False, "its lease vanished"
+    if age > ttl:
+        return False, f"it has not refreshed its lease for {age:.0f} s (ttl {ttl:.0f} s)"
+    return True, f"it refreshed its lease {age:.0f} s ago"
+
+
+def _read(path: Path) -> LeaseHolder | None:
+    """The lease's holder; None if there is no lease, MalformedLeaseError if the file is not one of ours
+    (also a symlink, a FIFO or a directory under its name: read without following or blocking)."""
+    try:
+        fd = open_regular_file(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EINVAL):
+            raise MalformedLeaseError(
+                str(path), "a symbolic link" if exc.errno == errno.ELOOP else str(exc.strerror)
+            ) from None
+        raise StorageError(f"cannot read the writer lease {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        raw = handle.read(MAX_LEASE_BYTES + 1)
+    if len(raw) > MAX_LEASE_BYTES:
+        raise MalformedLeaseError(str(path), f"longer than {MAX_LEASE_BYTES} bytes")
+    try:
+        record = json.loads(raw)
+    except ValueError as exc:
+        raise MalformedLeaseError(str(path), f"not JSON: {exc}") from None
+    return LeaseHolder.from_record(record, str(path))

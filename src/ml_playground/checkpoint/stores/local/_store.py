@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
+import logging
 import os
 import secrets
 import socket
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
@@ -17,12 +20,14 @@ from typing import IO
 from ml_playground.checkpoint._store import TEMP_PREFIX, Capabilities, StoredObject
 from ml_playground.checkpoint._streams import FailureKeeping
 from ml_playground.checkpoint.stores._translate import os_error
-from ml_playground.checkpoint.stores.local._fileops import FileOps
-from ml_playground.checkpoint.stores.local._lease import WriterLease
-from ml_playground.errors import CheckpointExistsError, CheckpointNameError, CheckpointNotFoundError
+from ml_playground.checkpoint.stores.local._fileops import NO_FOLLOW, FileOps, open_regular_file
+from ml_playground.checkpoint.stores.local._lease import WriterLease, lease_state
+from ml_playground.errors import CheckpointExistsError, CheckpointNameError, CheckpointNotFoundError, StorageError
 from ml_playground.locations import LocalLocation
 
 __all__ = ["LocalStore"]
+
+logger = logging.getLogger(__name__)
 
 _HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
 _MAX_NAME_BYTES = 255
@@ -87,7 +92,11 @@ class LocalStore:
         elif not self._path.is_dir():
             raise CheckpointNotFoundError(f"checkpoint location {self._path} does not exist or is not a directory")
         self._capabilities = Capabilities(
-            writer_lease=partial(WriterLease, self._path), local_path=self.local_path, local_copy=None
+            writer_lease=partial(WriterLease, self._path),
+            local_path=self.local_path,
+            local_copy=None,
+            max_name_bytes=_MAX_NAME_BYTES,
+            lease_state=partial(lease_state, self._path),
         )
 
     @classmethod
@@ -105,15 +114,16 @@ class LocalStore:
 
     @property
     def capabilities(self) -> Capabilities:
-        """A writer lease (a file under ``flock``) and local paths."""
+        """A writer lease (a file under ``flock``), its state for readers, and local paths."""
         return self._capabilities
 
     def _create(self) -> None:
         try:
             self._path.mkdir(parents=True, exist_ok=True)
-            probe = self._path / f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.probe"
-            probe.touch()
-            probe.unlink()
+            # an unpredictable name, never through a symlink: nothing planted here makes us write elsewhere
+            probe = self._path / f"{_temp_name('')}probe"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o600))
+            os.unlink(probe)
         except OSError as exc:
             raise os_error(exc, f"cannot use {self._path} as a checkpoint location", self._path) from None
 
@@ -124,7 +134,10 @@ class LocalStore:
                 for entry in entries:
                     if entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
                         continue
-                    stat = entry.stat(follow_symlinks=False)
+                    try:
+                        stat = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # deleted since the directory was read (rotation elsewhere)
+                        continue
                     found.append(StoredObject(entry.name, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
         except OSError as exc:
             raise os_error(exc, f"cannot list {self._path}", self._path) from None
@@ -133,21 +146,32 @@ class LocalStore:
     @contextlib.contextmanager
     def open(self, name: str) -> Iterator[IO[bytes]]:
         path = self._child(name)
-        try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed below, after the caller's block
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"no checkpoint {path}") from None
-        except OSError as exc:
-            raise os_error(exc, f"cannot open {path}", path) from None
-        with handle:
+        with os.fdopen(self._open_regular(path), "rb") as handle:
             yield handle
 
     def local_path(self, name: str) -> Path:
-        """The file of a committed object, for readers that want a path (``torch.load`` by path, mmap)."""
+        """The file of a committed object, for readers that want a path (``torch.load`` by path, mmap).
+
+        It must be a regular file, not a symlink (checked without following one or blocking on a FIFO).
+        """
         path = self._child(name)
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"no checkpoint {path}")
+        os.close(self._open_regular(path))
         return path
+
+    @staticmethod
+    def _open_regular(path: Path) -> int:
+        try:
+            return open_regular_file(path)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"no checkpoint {path}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint {path}: it is a symbolic link, and checkpoints are read only from regular files"
+                ) from None
+            if exc.errno == errno.EINVAL:
+                raise CheckpointNotFoundError(f"no checkpoint {path}: it is {exc.strerror}") from None
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
     def delete(self, name: str) -> None:
         path = self._child(name)
@@ -161,7 +185,7 @@ class LocalStore:
     @contextlib.contextmanager
     def write(self, name: str) -> Iterator[IO[bytes]]:
         final = self._child(name)
-        if final.exists():
+        if os.path.lexists(final):
             raise CheckpointExistsError(f"{final} already exists; checkpoints are never overwritten")
         self._remove_stale_temporaries()
         temp = self._path / _temp_name(name)
@@ -192,6 +216,8 @@ class LocalStore:
                 cause = kept.failure  # a write's own error, not what its caller made of it
             if raw is not None:
                 raw.release(quiet=True)
+            if kept is not None:
+                kept.close()
             if stream is not None:  # discard the buffer now, not as a failing flush at garbage collection
                 with contextlib.suppress(Exception):
                     stream.close()
@@ -213,19 +239,29 @@ class LocalStore:
         for name in names:
             host, _, rest = name[len(TEMP_PREFIX) :].partition(".")
             pid_text = rest.partition(".")[0]
-            if host == _HOST_TAG and pid_text.isdigit() and not _pid_alive(int(pid_text)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._path / name)
+            if host != _HOST_TAG or not pid_text.isdigit() or len(pid_text) > 9 or _pid_alive(int(pid_text)):
+                continue
+            path = self._path / name
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISREG(os.lstat(path).st_mode):  # never ours: report it, never fail a save on it
+                    logger.warning("%s is named like a temporary of a save but is not a file; left alone", path)
+                    continue
+                os.unlink(path)
 
     def _child(self, name: str) -> Path:
         if not name or any(c in name for c in "/\\\0") or name in (".", "..") or name.startswith(TEMP_PREFIX):
             raise CheckpointNameError(f"{name!r} is not a valid object name in {self._path}")
+        if len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+            raise CheckpointNameError(
+                f"{name[:60]!r}... is {len(name.encode('utf-8', 'surrogateescape'))} bytes long; a file name in "
+                f"{self._path} has at most {_MAX_NAME_BYTES} bytes"
+            )
         return self._path / name
 
 
 def _temp_name(name: str) -> str:
     """``.ckpt-partial.<host>.<pid>.<token>.<name>``; without ``<name>`` when that would pass 255 bytes."""
-    stem = f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}"
+    stem = f"{TEMP_PREFIX}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(8)}"
     full = f"{stem}.{name}"
     return full if len(full.encode("utf-8", "surrogateescape")) <= _MAX_NAME_BYTES else stem
 

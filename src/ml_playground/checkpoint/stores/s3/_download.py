@@ -83,7 +83,7 @@ def fetch_ranges(
                 )
             except Exception as exc:
                 if is_changed(exc):
-                    raise StorageError(f"{url} was replaced while being loaded; load it again") from None
+                    raise _Changed from None
                 raise
             offset = start
             # Each range writes through its own descriptor: one left running after the caller gave up
@@ -112,9 +112,19 @@ def fetch_ranges(
         future.result()
     except BaseException as exc:
         future.cancel()  # the ranges still in flight stop at their next await
-        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+        if not isinstance(exc, Exception):
             raise
-        raise _first(exc, url) from None
+        failure = _first(exc, url)
+        if isinstance(failure, _Changed):  # deleted (rotation in another process) or replaced?
+            head(fs, bucket, key, url)  # a deleted object raises CheckpointNotFoundError here
+            raise StorageError(f"{url} was replaced while being loaded; load it again") from None
+        if failure is exc:
+            raise
+        raise failure from None
+
+
+class _Changed(StorageError):
+    """A ranged GET's If-Match failed: the object was deleted or replaced since its HEAD."""
 
 
 def _first(exc: Exception, url: str) -> CheckpointError:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import socket
 import threading
 import time
 from dataclasses import asdict
@@ -30,12 +32,21 @@ from typing import Any
 
 from fsspec.asyn import sync
 
-from ml_playground.checkpoint._lease import DEFAULT_TTL, LEASE_NAME, Lease, LeaseHolder, process_alive
+from ml_playground.checkpoint._lease import (
+    DEFAULT_TTL,
+    LEASE_NAME,
+    MAX_LEASE_BYTES,
+    Lease,
+    LeaseHolder,
+    LeaseState,
+    MalformedLeaseError,
+    process_alive,
+)
 from ml_playground.checkpoint.stores._translate import is_conflict, is_missing, translate
 from ml_playground.errors import CheckpointError, LocationLockedError
 from ml_playground.locations import RemoteLocation
 
-__all__ = ["S3WriterLease"]
+__all__ = ["S3WriterLease", "lease_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +111,12 @@ class S3WriterLease(Lease):
                     return
                 raise self._locked("another writer took it at the same moment") from None
         record, etag = current
-        alive, why = self._holder_state(record)
+        try:
+            alive, why = self._holder_state(record)
+        except MalformedLeaseError as exc:
+            if not force:
+                raise
+            alive, why = True, str(exc)  # replaced below, by force
         if alive and not force:
             raise self._locked(why, record)
         logger.warning("taking over the writer lease on %s from %s (%s)", self.location, _describe(record), why)
@@ -111,15 +127,7 @@ class S3WriterLease(Lease):
                 raise self._locked("another writer took it over at the same moment") from None
 
     def _holder_state(self, record: dict[str, Any]) -> tuple[bool, str]:
-        pid = record.get("pid")
-        if record.get("host") == self.holder.host and isinstance(pid, int):
-            if process_alive(pid, record.get("process_start")):
-                return True, "its process on this host is alive"
-            return False, "its process on this host is gone"
-        left = float(record.get("expires_at", 0)) - time.time()
-        if left <= 0:
-            return False, f"it expired {-left:.0f} s ago without a heartbeat"
-        return True, f"it expires in {left:.0f} s unless its holder's heartbeat renews it"
+        return _holder_state(record, self.holder.host, self._lease_url)
 
     def _locked(self, why: str, record: dict[str, Any] | None = None) -> LocationLockedError:
         holder = f" ({_describe(record)}; {why})" if record is not None else f" ({why})"
@@ -170,26 +178,7 @@ class S3WriterLease(Lease):
         return str(response["ETag"])
 
     def _get(self) -> tuple[dict[str, Any], str] | None:
-        async def fetch() -> tuple[bytes, str]:
-            response = await self._fs._call_s3("get_object", Bucket=self._bucket, Key=self._key)
-            async with response["Body"] as body:
-                return await body.read(), str(response["ETag"])
-
-        try:
-            data, etag = sync(self._fs.loop, fetch)
-        except Exception as exc:
-            if is_missing(exc):
-                return None
-            raise translate(exc, "reading the writer lease", self._lease_url) from None
-        try:
-            record = json.loads(data)
-        except ValueError:
-            raise CheckpointError(
-                f"{self._lease_url} is not a writer lease this package wrote; remove it if no job writes here"
-            ) from None
-        if not isinstance(record, dict):
-            raise CheckpointError(f"{self._lease_url} is not a writer lease this package wrote")
-        return record, etag
+        return _get(self._fs, self._bucket, self._key, self._lease_url)
 
     def _call(self, what: str, method: str, **kwargs: Any) -> Any:
         try:
@@ -200,9 +189,57 @@ class S3WriterLease(Lease):
             raise translate(exc, what, self._lease_url) from None
 
 
+def lease_state(fs: Any, location: RemoteLocation) -> LeaseState:
+    """The writer lease of ``location`` as a reader sees it: one GetObject of the lease, nothing written."""
+    current = _get(fs, location.bucket, location.key(LEASE_NAME), location.child(LEASE_NAME))
+    if current is None:
+        return "released"
+    alive, _ = _holder_state(current[0], socket.gethostname(), location.child(LEASE_NAME))
+    return "held" if alive else "expired"
+
+
+def _holder_state(record: dict[str, Any], this_host: str, url: str) -> tuple[bool, str]:
+    """Whether the holder of the lease ``record`` (at ``url``) may still be writing, and why we think so."""
+    holder = LeaseHolder.from_record(record, url, extra=("expires_at",))
+    expires = record.get("expires_at")
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires):
+        raise MalformedLeaseError(url, f"expires_at is {str(expires)[:40]!r}, not a time")
+    if holder.host == this_host:
+        if process_alive(holder.pid, holder.process_start):
+            return True, "its process on this host is alive"
+        return False, "its process on this host is gone"
+    left = float(expires) - time.time()
+    if left <= 0:
+        return False, f"it expired {-left:.0f} s ago without a heartbeat"
+    return True, f"it expires in {left:.0f} s unless its holder's heartbeat renews it"
+
+
+def _get(fs: Any, bucket: str, key: str, url: str) -> tuple[dict[str, Any], str] | None:
+    """The lease object's record and ETag; None when there is none. A record that is not a table is
+    checked (and named) where its holder matters: _holder_state."""
+
+    async def fetch() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with response["Body"] as body:
+            return await body.read(), str(response["ETag"])
+
+    try:
+        data, etag = sync(fs.loop, fetch)
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        raise translate(exc, "reading the writer lease", url) from None
+    try:
+        record = json.loads(data) if len(data) <= MAX_LEASE_BYTES else None
+    except ValueError:
+        record = None
+    return (record if isinstance(record, dict) else {"malformed": "not a JSON table"}), etag
+
+
 class _Conflict(Exception):
     """A conditional request lost: the lease is not what we thought."""
 
 
 def _describe(record: dict[str, Any]) -> str:
-    return f"pid {record.get('pid')} on host {record.get('host')}, since {record.get('acquired_at')}"
+    pid, host, since = (str(record.get(key))[:64] for key in ("pid", "host", "acquired_at"))
+    return f"pid {pid} on host {host}, since {since}"

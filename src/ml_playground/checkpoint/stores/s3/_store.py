@@ -29,7 +29,7 @@ from ml_playground.checkpoint.stores._staging import split
 from ml_playground.checkpoint.stores._translate import error_code, translated
 from ml_playground.checkpoint.stores.s3._download import downloaded, fetch_ranges, head
 from ml_playground.checkpoint.stores.s3._filesystem import make_filesystem
-from ml_playground.checkpoint.stores.s3._lease import S3WriterLease
+from ml_playground.checkpoint.stores.s3._lease import S3WriterLease, lease_state
 from ml_playground.checkpoint.stores.s3._upload import S3Upload
 from ml_playground.locations import RemoteLocation
 
@@ -62,11 +62,13 @@ class S3Store(FsspecStore):
 
     @property
     def capabilities(self) -> Capabilities:
-        """A writer lease (conditional PUTs), local copies and sparse copies by concurrent ranged GETs."""
+        """A writer lease (conditional PUTs) and its state for readers, local and sparse copies by ranged GETs."""
         return Capabilities(
             writer_lease=partial(S3WriterLease, self._fs, self.location),
+            lease_state=partial(lease_state, self._fs, self.location),
             local_copy=self._local_copy,
             partial_copy=self._s3_partial_copy,
+            max_name_bytes=self.max_name_bytes,
         )
 
     def _local_copy(self, name: str) -> AbstractContextManager[Path | None]:

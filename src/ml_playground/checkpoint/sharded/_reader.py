@@ -1,0 +1,119 @@
+"""Our torch.distributed.checkpoint StorageReader over any CheckpointStore, and a load planner that unpickles
+nothing but plain data.
+
+The manifest is read and validated before DCP starts (``read_metadata`` returns it and cannot fail: DCP logs a
+traceback on the root logger when it does). Each rank reads exactly the items its load plan needs, every one
+checked against its digest, possibly from parts other ranks wrote at another world size (resharding).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from ml_playground.checkpoint._store import CheckpointStore
+from ml_playground.checkpoint.sharded._index import ShardIndex
+from ml_playground.checkpoint.sharded._parts_io import read_parts
+from ml_playground.errors import CheckpointSchemaError
+
+__all__ = ["SafeLoadPlanner", "StoreReader"]
+
+
+class StoreReader(StorageReader):
+    """Reads the items of the checkpoint whose manifest gave ``index``, verified, from ``store``."""
+
+    def __init__(self, store: CheckpointStore, index: ShardIndex) -> None:
+        super().__init__()
+        self.store = store
+        self.index = index
+        self._items = index.items()
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return self.index.metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        requests = [(self._info(request), request) for request in plan.items]
+        wanted: dict[str, list[tuple[int, int]]] = {}
+        for info, _ in requests:
+            wanted.setdefault(info["part"], []).append((info["offset"], info["offset"] + info["length"]))
+        entries = self.index.metadata.state_dict_metadata
+        with read_parts(self.store, wanted) as readers:
+            cached: tuple[tuple[str, int], bytes] | None = None
+            for info, request in sorted(requests, key=lambda pair: (pair[0]["part"], pair[0]["offset"])):
+                where = (info["part"], info["offset"])
+                if cached is None or cached[0] != where:  # requests for one saved chunk share one read
+                    cached = (where, readers[info["part"]].read(info["offset"], info["length"], info["xxh3"]))
+                data = cached[1]
+                if request.type == LoadItemType.BYTE_IO:
+                    planner.load_bytes(request, io.BytesIO(data))
+                    continue
+                value = entries[request.storage_index.fqn]
+                assert isinstance(value, TensorStorageMetadata)
+                chunk = next(c for c in value.chunks if list(c.offsets) == list(request.storage_index.offset or []))
+                saved = _chunk(data, value.properties.dtype, chunk.sizes)
+                source = narrow_tensor_by_index(saved, request.storage_offsets, request.lengths)
+                target = planner.resolve_tensor(request).detach()
+                if target.size() != source.size():
+                    raise CheckpointSchemaError(
+                        f"{self.store.url}: item {request.storage_index.fqn} does not fit this run's state "
+                        f"({tuple(source.size())} saved, {tuple(target.size())} here)"
+                    )
+                target.copy_(source)
+                planner.commit_tensor(request, target)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def _info(self, request: ReadItem) -> dict[str, Any]:
+        offset = request.storage_index.offset
+        info = self._items.get((request.storage_index.fqn, None if offset is None else tuple(offset)))
+        if info is None:
+            raise CheckpointSchemaError(f"{self.store.url}: no saved item {request.storage_index.fqn}")
+        return info
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return False
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner unpickles bytes items with ``torch.load(weights_only=False)``: ours reads
+    plain data only."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except Exception as exc:
+            raise CheckpointSchemaError(f"saved item {read_item.dest_index.fqn} is not plain data ({exc})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _chunk(data: bytes, dtype: torch.dtype, sizes: torch.Size) -> torch.Tensor:
+    if not data:
+        return torch.empty(sizes, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(sizes)
