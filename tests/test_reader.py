@@ -8,6 +8,8 @@ cut across tensors), and turn a short file or a failing thread into an error nam
 from __future__ import annotations
 
 import io
+import re
+import resource
 import struct
 import threading
 import zipfile
@@ -17,12 +19,12 @@ from typing import Any
 import pytest
 import torch
 
-from ml_playground.checkpoint import Checkpoint, decode, encode
-from ml_playground.checkpoint.format import TENSOR_SECTIONS, _digests, _reader
+from ml_playground.checkpoint import Checkpoint, CheckpointManager, LocalStore, decode, encode
+from ml_playground.checkpoint.format import TENSOR_SECTIONS, _decode, _digests, _reader, _weights
 from ml_playground.checkpoint.format._decode import checked_structure
 from ml_playground.checkpoint.format._torch import load_unread
 from ml_playground.checkpoint.format._zip_layout import Archive
-from ml_playground.errors import CheckpointCorruptError
+from ml_playground.errors import CheckpointCorruptError, CheckpointNotFoundError
 from tests.conftest import assert_same_checkpoint, awkward_checkpoint, make_checkpoint
 
 pytestmark = pytest.mark.timeout(60)
@@ -185,3 +187,68 @@ def test_a_failure_in_the_helper_thread_stops_the_reading_and_is_raised() -> Non
     with pytest.raises(OSError, match="Input/output error"):
         _reader._share(list(range(6)), work, 2)  # type: ignore[arg-type]
     assert done == []  # nothing was taken after the failure
+
+
+LARGER_THAN_THE_FILE = r"is damaged or hostile: its tensor model\.blob is backed by a storage of \d+ bytes, more than"
+
+
+@pytest.mark.parametrize(
+    ("claimed", "refusal"),
+    [
+        (2**33, LARGER_THAN_THE_FILE),  # allocated (untouched), then refused by check_loaded
+        (2**40, rf"(is not a readable checkpoint \(truncated or damaged: .*allocate|{LARGER_THAN_THE_FILE})"),
+    ],
+    ids=["8GiB", "1TiB"],
+)
+def test_a_pickle_that_claims_a_huge_storage_is_refused_without_touching_its_memory(
+    tmp_path: Path, claimed: int, refusal: str
+) -> None:
+    # Under skip_data torch allocates each storage at the size the pickle claims, before any check: the
+    # memory must stay untouched, and the storage be refused before the reader plans a read (1 TiB is more than
+    # this machine can allocate at all: that failure is a refusal too)
+    base = make_checkpoint(width=16)
+    checkpoint = Checkpoint(**{**vars(base), "model": {**base.model, "blob": torch.zeros(4660, dtype=torch.uint8)}})
+    buffer = io.BytesIO()
+    encode(checkpoint, buffer)
+    blob = buffer.getvalue()
+    rebuilt = tmp_path / "ckpt_last_00000000.pt"
+    with zipfile.ZipFile(io.BytesIO(blob)) as source, zipfile.ZipFile(rebuilt, "w") as out:
+        for info in source.infolist():
+            start = _data_start(blob, info)
+            record = blob[start : start + info.file_size]
+            if info.filename.endswith("/data.pkl"):  # blob's storage size, 4660 bytes, as BININT2 in its id tuple
+                (found,) = re.finditer(rb"M\x34\x12tq.Q", record, flags=re.S)  # then TUPLE, BINPUT, BINPERSID
+                long1 = b"\x8a\x06" + claimed.to_bytes(6, "little")  # the size as LONG1
+                record = record[: found.start()] + long1 + record[found.start() + 3 :]
+            out.writestr(info.filename, record)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    refused = rf"ckpt_last_00000000\.pt {refusal}"
+    with pytest.raises(CheckpointCorruptError, match=refused):
+        decode(rebuilt, source=rebuilt.name)
+    with pytest.raises(CheckpointCorruptError, match=refused):
+        CheckpointManager(LocalStore(tmp_path)).load_weights(rebuilt.name)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 * 1024  # KiB: nothing was touched
+
+
+@pytest.mark.parametrize("load", ["decode", "load_weights"])
+def test_a_file_rotated_away_after_torch_read_its_pickle_is_not_found(
+    saved: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch, load: str
+) -> None:
+    # found by tests/test_reader_stress.py: the archive's later reads by name raised a bare FileNotFoundError,
+    # which a reader of a chosen checkpoint does not take for "rotated away, choose again"
+    _, path = saved
+    name = path.rename(path.with_name("ckpt_last_00000001.pt"))
+    module = _decode if load == "decode" else _weights
+    unread = module.load_unread
+
+    def then_rotated(archive: Archive, map_location: Any) -> Any:
+        payload = unread(archive, map_location)
+        name.unlink()
+        return payload
+
+    monkeypatch.setattr(module, "load_unread", then_rotated)
+    with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint .*ckpt_last_00000001\.pt$"):
+        if load == "decode":
+            decode(name, source=str(name))
+        else:
+            CheckpointManager(LocalStore(name.parent)).load_weights(name.name)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from ml_playground.errors import CheckpointCorruptError, CheckpointError
+from ml_playground.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, StorageError
 
 __all__ = [
     "LOCAL_HEADER_SIZE",
@@ -81,9 +81,23 @@ def open_regular(path: Path, source: str, *, buffering: int = -1) -> IO[bytes]:
     return handle
 
 
+@contextlib.contextmanager
+def _opened(path: Path, source: str) -> Iterator[IO[bytes]]:
+    """``open_regular``, a missing file CheckpointNotFoundError (rotation may delete it between two reads of one
+    load: a reader of a chosen checkpoint then chooses again) and another failure to open it StorageError."""
+    try:
+        handle = open_regular(path, source)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no checkpoint {source}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {source}: {exc.strerror or exc}") from None
+    with handle:
+        yield handle
+
+
 def directory_start(path: Path, size: int, source: str) -> int:
     """The central directory's offset, from the EOCD (and zip64) records within the file's last ``TAIL`` bytes."""
-    with open_regular(path, source) as handle:
+    with _opened(path, source) as handle:
         return _directory_start(handle, size, source)
 
 
@@ -246,7 +260,7 @@ class Archive:
     def _handle(self) -> Iterator[IO[bytes]]:
         """The archive's bytes, at whatever position; a stream is put back where it was."""
         if isinstance(self.data, Path):
-            with open_regular(self.data, self.source) as handle:
+            with _opened(self.data, self.source) as handle:
                 yield handle
             return
         start = self.data.tell()
