@@ -110,10 +110,13 @@ def print_rounds(times: dict[str, list[float]]) -> None:
         )
 
 
-def ab_arguments(doc: str | None) -> argparse.Namespace:
-    """The in-process A/B scripts' shared flags: ``--size-mb``, ``--reps``, ``--dir``."""
+def ab_arguments(doc: str | None, *, cache: bool = False) -> argparse.Namespace:
+    """The in-process A/B scripts' shared flags: ``--size-mb``, ``--reps``, ``--dir`` (and ``--cache``)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=512, help="MiB of fp32 params; the checkpoint is ~3x")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ml_playground_ab"))
+    if cache:
+        parser.add_argument("--cache", choices=("warm", "cold"), default="warm", help="page cache before each load")
+        parser.add_argument("--heap", choices=("trim", "keep"), default="trim", help="allocator's free memory")
     return parser.parse_args()

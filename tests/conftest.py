@@ -66,6 +66,34 @@ def make_checkpoint(
     )
 
 
+def awkward_checkpoint(base: Checkpoint) -> Checkpoint:
+    """Tensors whose storages are shared, larger than the tensor, strided, empty, or of odd dtypes."""
+    grid = torch.arange(24.0).reshape(4, 6)
+    model = {
+        **base.model,
+        "tied": base.model["0.weight"],
+        "grid": grid,
+        "row_view": grid[2],  # a view into grid's storage at an offset
+        "transposed": grid.t(),
+        "column": grid[:, 1],  # strided, inside a shared storage
+        "tail": grid[3, 2:],  # contiguous, ends where the storage does
+        "scalar": torch.tensor(3.5),
+        "strided": torch.arange(10, dtype=torch.int64)[::3],
+        "empty": torch.empty(0, 4),
+        "half": torch.linspace(-1, 1, 7).to(torch.bfloat16),
+        "flags": torch.tensor([True, False, True]),
+    }
+    return Checkpoint(
+        model=model,
+        optimizer=base.optimizer,
+        model_args={},
+        iter_num=3,
+        best_val_loss=0.5,
+        ema={**{key: value * 2 for key, value in base.model.items()}, "grid_rows": grid[1:3]},  # across sections
+        rng_state=base.rng_state,
+    )
+
+
 @pytest.fixture
 def checkpoint_factory() -> Callable[..., Checkpoint]:
     return make_checkpoint

@@ -14,39 +14,14 @@ import torch
 
 from ml_playground.checkpoint import Checkpoint, decode, encode
 from ml_playground.errors import CheckpointCorruptError
-from tests.conftest import make_checkpoint
+from tests.conftest import awkward_checkpoint, make_checkpoint
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _awkward(base: Checkpoint) -> Checkpoint:
-    """Tensors whose storages are shared, larger than the tensor, strided, empty, or of odd dtypes."""
-    grid = torch.arange(24.0).reshape(4, 6)
-    model = {
-        **base.model,
-        "tied": base.model["0.weight"],
-        "grid": grid,
-        "row_view": grid[2],  # a view into grid's storage at an offset
-        "transposed": grid.t(),
-        "strided": torch.arange(10, dtype=torch.int64)[::3],
-        "empty": torch.empty(0, 4),
-        "half": torch.linspace(-1, 1, 7).to(torch.bfloat16),
-        "flags": torch.tensor([True, False, True]),
-    }
-    return Checkpoint(
-        model=model,
-        optimizer=base.optimizer,
-        model_args={},
-        iter_num=3,
-        best_val_loss=0.5,
-        ema={key: value * 2 for key, value in base.model.items()},
-        rng_state=base.rng_state,
-    )
-
-
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[Checkpoint, Path]:
-    checkpoint = _awkward(make_checkpoint(width=16))
+    checkpoint = awkward_checkpoint(make_checkpoint(width=16))
     path = tmp_path / "ckpt_last_00000003.pt"
     with path.open("wb") as handle:
         encode(checkpoint, handle)

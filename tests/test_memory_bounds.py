@@ -91,14 +91,15 @@ def test_local_save_peak_is_within_5_percent_of_the_checkpoint(peaks: dict[str, 
 
 @pytest.mark.timeout(150)
 def test_full_load_peak_is_the_result_itself(peaks: dict[str, dict[str, float]]) -> None:
-    assert peaks["load"]["peak"] <= 1.08 * TENSOR_MIB, peaks["load"]
+    # a verified load reads every storage straight into its own memory (format/_reader.py): no buffer beside it
+    assert peaks["load"]["peak"] <= 1.05 * TENSOR_MIB, peaks["load"]
 
 
 @pytest.mark.timeout(150)
 def test_weights_only_load_peak_is_the_weights_themselves(peaks: dict[str, dict[str, float]]) -> None:
     # read straight into the tensors' own memory: no mapped pages of the file next to a copy of them
     model_mib = TENSOR_MIB / 3
-    assert peaks["weights"]["peak"] <= 1.1 * model_mib, peaks["weights"]
+    assert peaks["weights"]["peak"] <= 1.05 * model_mib, peaks["weights"]
 
 
 @pytest.mark.timeout(150)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import zipfile
 from pathlib import Path
 
 import torch
 
-from ml_playground.checkpoint.format._torch import crc32_off, load_mapped
-from ml_playground.checkpoint.format._zip_layout import Archive, data_offset, directory_start, match_storages
+from ml_playground.checkpoint._tree import tensors_in
+from ml_playground.checkpoint.format._torch import crc32_off, load_unread
+from ml_playground.checkpoint.format._zip_layout import Archive
 
 BROKEN = f"torch {torch.__version__} broke an assumption of ml_playground.checkpoint.format: "
 
@@ -77,33 +79,66 @@ def test_torch_writes_an_uncompressed_record_in_one_write_of_the_tensors_bytes()
     )
 
 
-def test_the_offset_switch_makes_a_mapped_load_compute_offsets_without_local_headers(tmp_path: Path) -> None:
-    # weights-only loads from a sparse copy rely on it: other records' local headers are holes (_torch.load_mapped)
+def _data_start(blob: bytes | bytearray, info: zipfile.ZipInfo) -> int:
+    name_length, extra_length = struct.unpack_from("<HH", blob, info.header_offset + 26)
+    return int(info.header_offset + 30 + name_length + extra_length)
+
+
+def test_skip_data_loads_allocate_every_storage_and_read_no_storage_record(tmp_path: Path) -> None:
+    # our reader fills the storages of a skip_data load itself (_torch.load_unread, _reader)
+    payload = {**_payload(), "tied": None, "view": None}
+    payload["tied"], payload["view"] = payload["b"], payload["c"][1:]
     path = tmp_path / "full.pt"
-    torch.save(_payload(), path)
+    torch.save(payload, path)
     raw = bytearray(path.read_bytes())
-    for info in zipfile.ZipFile(path).infolist():
-        if "/data/" in info.filename and not info.filename.endswith("/data/0"):
-            raw[info.header_offset : info.header_offset + 30] = bytes(30)  # what a hole reads as
+    for info in zipfile.ZipFile(path).infolist():  # every storage record, header and data, becomes a hole
+        if "/data/" in info.filename:
+            end = _data_start(raw, info) + info.file_size
+            raw[info.header_offset : end] = bytes(end - info.header_offset)
     holes = tmp_path / "holes.pt"
     holes.write_bytes(raw)
-    loaded = load_mapped(Archive(holes, str(holes)))
-    assert all(torch.equal(loaded[key], value) for key, value in _payload().items()), (
-        BROKEN + "with torch.utils.serialization.config.load.calculate_storage_offsets, torch.load(mmap=True) "
-        "computes every storage's offset and reads no local header but data/0's"
-    )
+    loaded = load_unread(Archive(holes, str(holes)), None)
+    plain = torch.load(path, weights_only=True)
+    for key, tensor in plain.items():
+        got = loaded[key]
+        assert (got.dtype, got.shape, got.stride(), got.storage_offset()) == (
+            tensor.dtype,
+            tensor.shape,
+            tensor.stride(),
+            tensor.storage_offset(),
+        ), BROKEN + f"a load under torch.serialization.skip_data rebuilds {key} as torch.load does"
+        assert got.untyped_storage().nbytes() == tensor.untyped_storage().nbytes()
+        assert got.device.type == "cpu"
+    assert loaded["tied"].data_ptr() == loaded["b"].data_ptr(), BROKEN + "skip_data loads keep shared storages shared"
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["c"].untyped_storage().data_ptr()
+    assert len({loaded[key].untyped_storage().data_ptr() for key in "abc"}) == 3
 
 
-def test_a_mapped_loads_storages_lie_in_record_order_at_their_data_offsets(tmp_path: Path) -> None:
-    # weights-only loads tie each mapped storage to its zip record by address (_zip_layout.match_storages)
-    path = tmp_path / "full.pt"
-    torch.save(_payload(), path)
-    archive = Archive(path, str(path))
-    records = archive.records(directory_start(path, path.stat().st_size, str(path)))
-    loaded = load_mapped(archive)
-    by_pointer = match_storages((t.untyped_storage() for t in loaded.values()), records, str(path))
-    base = min(by_pointer) - data_offset(path, by_pointer[min(by_pointer)], str(path))
-    assert all(pointer - base == data_offset(path, record, str(path)) for pointer, record in by_pointer.items()), (
-        BROKEN + "a memory-mapped load maps the file once, so each storage lies at its record's data offset, "
-        "in the order of the records"
+def test_torch_save_numbers_storages_in_the_order_the_tree_walk_meets_them(tmp_path: Path) -> None:
+    # our reader pairs the i-th distinct storage of the walk with record data/i (_reader.plan)
+    grid = torch.arange(24.0).reshape(4, 6)
+    payload = {
+        "z": {"late": grid[1:], "scalar": torch.tensor(2.0)},
+        "a": [torch.empty(0), grid.t(), (torch.ones(3, dtype=torch.int16), grid)],
+        "m": {"tied": grid, 5: torch.arange(7)},
+    }
+    path = tmp_path / "order.pt"
+    torch.save(payload, path)
+    blob = path.read_bytes()
+    records = {}
+    for info in zipfile.ZipFile(path).infolist():
+        if "/data/" in info.filename:
+            start = _data_start(blob, info)
+            records[int(info.filename.rsplit("/", 1)[1])] = blob[start : start + info.file_size]
+    walked: list[bytes] = []
+    seen: set[int] = set()
+    for _, tensor in tensors_in(torch.load(path, weights_only=True)):
+        storage = tensor.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            walked.append(bytes(storage))
+    stored = [records[key] for key in sorted(records) if records[key]]
+    assert walked == stored, (
+        BROKEN + "torch.save numbers storages in the order its pickler first meets them, which is the order of "
+        "ml_playground's tree walk (dict items in order, depth first)"
     )

@@ -1,13 +1,15 @@
 """Bytes -> Checkpoint: a weights-only load, the header and integrity checks, migrations, the typed value.
 
-A file given as a local path is read by ``torch.load``'s own reader, or memory-mapped when the caller
-asks; a stream is read through. Verification checks every tensor's xxh3 digest and the structure
+A verified load reads the tensors' bytes with our reader (``_reader``: each storage straight into its
+own memory, hashed as it arrives), from a local path or a seekable stream. Where that reader does not
+apply, and for ``verify=False`` loads, ``torch.load``'s own reader reads a local path (or memory-maps it
+when the caller asks) or the stream. Verification checks every tensor's xxh3 digest and the structure
 digest; ``torch.load`` itself detects no flipped byte in tensor data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,8 +19,9 @@ from ml_playground.checkpoint._checkpoint import Checkpoint
 from ml_playground.checkpoint._tree import check_plain_tree
 from ml_playground.checkpoint.format import _digests
 from ml_playground.checkpoint.format._migrations import MIGRATIONS, TENSOR_SECTIONS
+from ml_playground.checkpoint.format._reader import opened, plan
 from ml_playground.checkpoint.format._tensors import check_loaded
-from ml_playground.checkpoint.format._torch import MapLocation, first_line, load, on_device
+from ml_playground.checkpoint.format._torch import MapLocation, first_line, load, load_unread, on_device
 from ml_playground.checkpoint.format._version import FORMAT_MAGIC, FORMAT_VERSION
 from ml_playground.checkpoint.format._zip_layout import Archive
 from ml_playground.errors import (
@@ -29,7 +32,18 @@ from ml_playground.errors import (
     UnsafeCheckpointError,
 )
 
-__all__ = ["Source", "check_header", "checked_meta", "decode", "migrated", "usable_device", "verify", "verify_sections"]
+__all__ = [
+    "Source",
+    "check_digests",
+    "check_header",
+    "checked_meta",
+    "checked_structure",
+    "decode",
+    "migrated",
+    "usable_device",
+    "verify",
+    "verify_sections",
+]
 
 Payload = dict[str, Any]
 Source = IO[bytes] | Path
@@ -59,19 +73,48 @@ def decode(
     device = usable_device(map_location, source)
     elsewhere = verify and device is not None and device.type != "cpu"
     archive = Archive(data, source)
-    payload = load(archive, "cpu" if elsewhere else map_location, mmap)
-    # bounded by the pickle's size, before any other walk or any read of a tensor's bytes
-    check_loaded(payload, archive, meta_ok=device is not None and device.type == "meta" and not elsewhere)
-    version = check_header(payload, source)
-    if verify:
-        try:
-            verify_sections(payload, source)
-        except CheckpointCorruptError:
-            archive.refuse_other_byte_order("its checksums cannot be checked here")
-            raise
+    location = "cpu" if elsewhere else map_location
+    read = _read_verified(archive, location) if verify and not mmap else None
+    if read is not None:
+        payload, version = read
+    else:
+        payload = load(archive, location, mmap)
+        # bounded by the pickle's size, before any other walk or any read of a tensor's bytes
+        check_loaded(payload, archive, meta_ok=device is not None and device.type == "meta" and not elsewhere)
+        version = check_header(payload, source)
+        if verify:
+            try:
+                verify_sections(payload, source)
+            except CheckpointCorruptError:
+                archive.refuse_other_byte_order("its checksums cannot be checked here")
+                raise
     if elsewhere and device is not None:
         payload = on_device(payload, device)
     return _to_checkpoint(migrated(payload, version), source)
+
+
+def _read_verified(archive: Archive, map_location: MapLocation) -> tuple[Payload, int] | None:
+    """The payload and its format version, its tensors read by our reader and verified as they arrive; None
+    where that reader does not apply (a file of the other byte order, storages not on the CPU, a layout
+    ``torch.save`` does not write, a stream that cannot seek): ``torch.load`` then reads the file."""
+    source = archive.source
+    with opened(archive) as data:
+        if data is None:
+            return None
+        payload = load_unread(archive, map_location)
+        # bounded by the pickle's size, before any other walk; every tensor lies inside its storage, and no
+        # storage claims more bytes than the file holds (their memory is allocated, not yet touched)
+        check_loaded(payload, archive)
+        version = check_header(payload, source)
+        if not archive.native_byte_order():
+            return None
+        tensors = checked_structure(payload, source)
+        reads = plan(archive, payload, tensors, read=None, hashed=TENSOR_SECTIONS)
+        if reads is None:
+            return None
+        digests = reads.read(data)
+    check_digests(payload, tensors, source, TENSOR_SECTIONS, digests)
+    return payload, version
 
 
 def usable_device(map_location: MapLocation, source: str) -> torch.device | None:
@@ -136,6 +179,12 @@ def verify_sections(payload: Payload, source: str, sections: Collection[str] = T
     A payload loaded with ``mmap=True`` is read only where it is hashed, so checking a subset reads only
     that subset's bytes (an evaluation checks the model and EMA weights, never the optimizer's).
     """
+    check_digests(payload, checked_structure(payload, source), source, sections)
+
+
+def checked_structure(payload: Payload, source: str) -> list[tuple[str, str, torch.Tensor]]:
+    """The payload body's tensors in walk order (``_digests.tensors``), once the integrity record's algorithm,
+    the plain-data check and the structure digest have passed. Reads no tensor bytes."""
     stored = payload["integrity"]
     if not isinstance(stored, dict) or stored.get("algorithm") != _digests.ALGORITHM:
         raise CheckpointCorruptError(f"{source} has no readable integrity record")
@@ -148,12 +197,26 @@ def verify_sections(payload: Payload, source: str, sections: Collection[str] = T
         raise CheckpointCorruptError(
             f"{source} is damaged: its metadata does not match its checksum. Delete it, or restore it from a copy."
         )
-    tensors = list(_digests.tensors(body))
-    expected = _digests.stored_digests(stored.get("tensors"), payload["format_version"])
+    return list(_digests.tensors(body))
+
+
+def check_digests(
+    payload: Payload,
+    tensors: Sequence[tuple[str, str, torch.Tensor]],
+    source: str,
+    sections: Collection[str] = TENSOR_SECTIONS,
+    computed: Sequence[bytes | None] = (),
+) -> None:
+    """Compare the digests of the ``tensors`` (from :func:`checked_structure`) in ``sections`` with the integrity
+    record's; ``computed[i]``, where not None, is tensor ``i``'s digest already computed (by ``_reader``)."""
+    expected = _digests.stored_digests(payload["integrity"].get("tensors"), payload["format_version"])
     if expected is None or len(expected) != len(tensors):
         raise CheckpointCorruptError(f"{source} is damaged: its tensor checksums are incomplete")
-    for (section, path, tensor), want in zip(tensors, expected, strict=True):
-        if section in sections and _digests.tensor_digest(tensor) != want:
+    for index, ((section, path, tensor), want) in enumerate(zip(tensors, expected, strict=True)):
+        if section not in sections:
+            continue
+        got = computed[index] if index < len(computed) else None
+        if (got if got is not None else _digests.tensor_digest(tensor)) != want:
             raise CheckpointCorruptError(
                 f"{source} is damaged: the bytes of tensor {path} do not match their checksum. "
                 "Delete it, or restore it from a copy."

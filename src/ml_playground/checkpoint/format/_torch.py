@@ -5,9 +5,9 @@ Each behaviour relied on here has a test of its own that names it when a torch v
 
 - ``torch.serialization.set_crc32_options``: torch reads the switch once, when it opens its zip
   writer, before its first write (``crc32_off``);
-- ``torch.utils.serialization.config.load.calculate_storage_offsets``: a memory-mapped load then
-  computes every storage's offset and reads no other record's local header (``load_mapped``);
-- a memory-mapped load's storages lie at increasing addresses in the order of their records;
+- ``torch.serialization.skip_data`` (thread-local) makes ``torch.load`` allocate every storage at its size
+  without reading its record, and ``torch.save`` numbers storages in the order its pickler first meets
+  them, the order of ``_tree.walk`` (``load_unread``, ``_reader``);
 - ``torch.save`` writes an uncompressed record in one ``write`` call, straight from the tensor's bytes
   (``_encode``'s digest placeholder).
 """
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from torch.utils.serialization import config as serialization_config
 
 from ml_playground.checkpoint._tree import map_tensors
 from ml_playground.checkpoint.format._zip_layout import Archive, open_regular
@@ -35,13 +34,20 @@ from ml_playground.errors import (
     UnsafeCheckpointError,
 )
 
-__all__ = ["MapLocation", "crc32_off", "first_line", "load", "load_mapped", "on_device", "with_storages"]
+__all__ = [
+    "MapLocation",
+    "crc32_off",
+    "first_line",
+    "load",
+    "load_unread",
+    "on_device",
+    "with_storages",
+]
 
 MapLocation = torch.device | str | None
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _CRC32_SWITCH = threading.Lock()
-_OFFSETS_SWITCH = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -92,16 +98,15 @@ def load(archive: Archive, map_location: MapLocation, mmap: bool) -> Any:
         ) from None
 
 
-def load_mapped(archive: Archive) -> Any:
-    """``torch.load(path, mmap=True)`` computing every storage's offset instead of reading its local header.
+def load_unread(archive: Archive, map_location: MapLocation) -> Any:
+    """``load`` with every storage allocated at its size and none of its bytes read.
 
-    Reads the pickle and one local header, no tensor bytes; a sparse file that holds just those loads
-    too (docs/performance.md, target 7). torch's switch for it is process-global: it is on only during
-    our loads, under one lock; a ``torch.load`` another thread runs meanwhile computes the same offsets.
+    The tree, each tensor's dtype, shape, strides and storage offset, and which tensors share a storage
+    are ``torch.load``'s own; the ``data/<key>`` records are not read (``torch.serialization.skip_data``,
+    a thread-local switch). The storages' memory is fresh and untouched: a reader fills it (``_reader``).
     """
-    switch = serialization_config.patch({"load.calculate_storage_offsets": True})  # type: ignore[attr-defined]
-    with _OFFSETS_SWITCH, switch:
-        return load(archive, "cpu", True)
+    with torch.serialization.skip_data():
+        return load(archive, map_location, False)
 
 
 def _check_magic(data: Path | IO[bytes], source: str) -> None:

@@ -6,9 +6,8 @@ A checkpoint is an uncompressed zip::
 
 Each storage is one ``data/<key>`` record, written in key order, i.e. in the order the pickle first
 meets it. This module reads the directory (the stdlib ``zipfile`` reads only the end of a file for
-it, so a sparse file that holds the tail is enough), says which byte ranges hold the metadata
-records and a record's local header, ties the storages of a memory-mapped load to their records,
-and coalesces ranges. It does no I/O but reading the local file it is given.
+it, so a sparse file that holds the tail is enough), says where each record and its data lie, and
+coalesces ranges. It does no I/O but reading the local file or stream it is given.
 """
 
 from __future__ import annotations
@@ -20,24 +19,21 @@ import stat
 import struct
 import sys
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import torch
-
-from ml_playground.errors import CheckpointCorruptError, CheckpointError
+from ml_playground.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, StorageError
 
 __all__ = [
+    "LOCAL_HEADER_SIZE",
     "TAIL",
     "Archive",
     "Record",
     "coalesce",
-    "data_offset",
+    "data_start",
     "directory_start",
-    "header_range",
-    "match_storages",
     "open_regular",
 ]
 
@@ -48,8 +44,7 @@ _EOCD = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP64_EOCD = b"PK\x06\x06"
 _LOCAL_HEADER = b"PK\x03\x04"
-_LOCAL_HEADER_SIZE = 30
-_HEADER_SLACK = 4 + 20 + 64  # torch's alignment-padding field, a zip64 field, the default alignment
+LOCAL_HEADER_SIZE = 30
 _STORAGE_NAME = re.compile(r"^[^/]+/data/(\d+)$")
 
 
@@ -86,25 +81,43 @@ def open_regular(path: Path, source: str, *, buffering: int = -1) -> IO[bytes]:
     return handle
 
 
+@contextlib.contextmanager
+def _opened(path: Path, source: str) -> Iterator[IO[bytes]]:
+    """``open_regular``, a missing file CheckpointNotFoundError (rotation may delete it between two reads of one
+    load: a reader of a chosen checkpoint then chooses again) and another failure to open it StorageError."""
+    try:
+        handle = open_regular(path, source)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no checkpoint {source}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {source}: {exc.strerror or exc}") from None
+    with handle:
+        yield handle
+
+
 def directory_start(path: Path, size: int, source: str) -> int:
     """The central directory's offset, from the EOCD (and zip64) records within the file's last ``TAIL`` bytes."""
-    with open_regular(path, source) as handle:
-        start = max(0, size - TAIL)
-        handle.seek(start)
-        tail = handle.read()
-        # torch writes no archive comment, so the EOCD ends the file; search only if it does not
-        at = len(tail) - 22 if tail[-22:-18] == _EOCD else tail.rfind(_EOCD)
-        if at < 0 or len(tail) - at < 22:
-            raise CheckpointCorruptError(f"{source} is not a zip archive (no end of central directory)")
-        (offset,) = struct.unpack_from("<I", tail, at + 16)
-        if offset != 0xFFFFFFFF:
-            return _within(int(offset), size, source)
-        locator = at - 20
-        if locator < 0 or tail[locator : locator + 4] != _ZIP64_LOCATOR:
-            raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
-        (record,) = struct.unpack_from("<Q", tail, locator + 8)
-        handle.seek(record)
-        zip64 = handle.read(56)
+    with _opened(path, source) as handle:
+        return _directory_start(handle, size, source)
+
+
+def _directory_start(handle: IO[bytes], size: int, source: str) -> int:
+    start = max(0, size - TAIL)
+    handle.seek(start)
+    tail = handle.read(size - start)
+    # torch writes no archive comment, so the EOCD ends the file; search only if it does not
+    at = len(tail) - 22 if tail[-22:-18] == _EOCD else tail.rfind(_EOCD)
+    if at < 0 or len(tail) - at < 22:
+        raise CheckpointCorruptError(f"{source} is not a zip archive (no end of central directory)")
+    (offset,) = struct.unpack_from("<I", tail, at + 16)
+    if offset != 0xFFFFFFFF:
+        return _within(int(offset), size, source)
+    locator = at - 20
+    if locator < 0 or tail[locator : locator + 4] != _ZIP64_LOCATOR:
+        raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
+    (record,) = struct.unpack_from("<Q", tail, locator + 8)
+    handle.seek(record)
+    zip64 = handle.read(56)
     if zip64[:4] != _ZIP64_EOCD:
         raise CheckpointCorruptError(f"{source} has a damaged zip64 end of central directory")
     (offset,) = struct.unpack_from("<Q", zip64, 48)
@@ -183,6 +196,11 @@ class Archive:
             raise CheckpointCorruptError(f"{self.source} has a zip directory whose records overlap or lie past its end")
         return records
 
+    def directory_start(self) -> int:
+        """The central directory's offset (for :meth:`records`), read from the end of the archive."""
+        with self._handle() as handle:
+            return _directory_start(handle, self.size(), self.source)
+
     def check_storage_alignment(self) -> None:
         """The ``.storage_alignment`` record must read as a positive integer.
 
@@ -211,6 +229,11 @@ class Archive:
                 f"one is {sys.byteorder}-endian: {what}. Load it whole with verify=False (torch swaps its bytes)."
             )
 
+    def native_byte_order(self) -> bool:
+        """False if the ``byteorder`` record names the other byte order (torch would swap the bytes on loading)."""
+        order = self._small_record("/byteorder")
+        return order is None or order == sys.byteorder.encode()
+
     def _small_record(self, suffix: str) -> bytes | None:
         """The first 64 bytes of the member whose name ends with ``suffix``; None if there is none, or if the
         directory is unreadable (the load that follows reports that). Read past zipfile, whose CRC check would
@@ -224,20 +247,20 @@ class Archive:
             return None
         with self._handle() as handle:
             handle.seek(info.header_offset)
-            header = handle.read(_LOCAL_HEADER_SIZE)
-            if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
+            header = handle.read(LOCAL_HEADER_SIZE)
+            if len(header) < LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
                 raise CheckpointCorruptError(
                     f"{self.source} is damaged: the zip record {info.filename} has no local header"
                 )
             name_length, extra_length = struct.unpack_from("<HH", header, 26)
-            handle.seek(info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length)
+            handle.seek(info.header_offset + LOCAL_HEADER_SIZE + name_length + extra_length)
             return handle.read(min(info.file_size, 64))
 
     @contextlib.contextmanager
     def _handle(self) -> Iterator[IO[bytes]]:
         """The archive's bytes, at whatever position; a stream is put back where it was."""
         if isinstance(self.data, Path):
-            with open_regular(self.data, self.source) as handle:
+            with _opened(self.data, self.source) as handle:
                 yield handle
             return
         start = self.data.tell()
@@ -247,44 +270,15 @@ class Archive:
             self.data.seek(start)
 
 
-def header_range(record: Record) -> tuple[int, int]:
-    """Bytes that hold ``record``'s local header in a file written by ``torch.save`` (its usual padding)."""
-    return record.header_offset, min(
-        record.end, record.header_offset + _LOCAL_HEADER_SIZE + len(record.name) + _HEADER_SLACK
-    )
-
-
-def data_offset(path: Path, record: Record, source: str) -> int:
-    """Where ``record``'s data starts, read from the fixed part of its local header (its first 30 bytes)."""
-    with open_regular(path, source) as handle:
-        handle.seek(record.header_offset)
-        header = handle.read(_LOCAL_HEADER_SIZE)
-    if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
+def data_start(record: Record, header: bytes, source: str) -> int:
+    """Where ``record``'s data starts, from ``header``, the first ``LOCAL_HEADER_SIZE`` bytes of its local header."""
+    if len(header) < LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
         raise CheckpointCorruptError(f"{source} is damaged: the zip record {record.name} has no local header")
     name_length, extra_length = struct.unpack_from("<HH", header, 26)
-    offset: int = record.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
+    offset: int = record.header_offset + LOCAL_HEADER_SIZE + name_length + extra_length
     if offset + record.size > record.end:
         raise CheckpointCorruptError(f"{source} is damaged: the zip record {record.name} overlaps the next one")
     return offset
-
-
-def match_storages(
-    storages: Iterable[torch.UntypedStorage], records: Sequence[Record], source: str
-) -> dict[int, Record]:
-    """The record of every non-empty storage of a memory-mapped load, keyed by ``data_ptr()``.
-
-    Storages and records both lie in key order in the file, so sorting the distinct storages by
-    address and the storage records by offset pairs them; every pair must agree on the size, or the
-    load raises instead of fetching the wrong bytes.
-    """
-    sizes = {storage.data_ptr(): storage.nbytes() for storage in storages if storage.nbytes() > 0}
-    stored = [record for record in records if record.storage_key is not None and record.size > 0]
-    pointers = sorted(sizes)
-    if len(pointers) != len(stored) or any(sizes[ptr] != rec.size for ptr, rec in zip(pointers, stored, strict=False)):
-        raise CheckpointCorruptError(
-            f"{source}: its tensors do not match its zip records ({len(pointers)} storages, {len(stored)} records)"
-        )
-    return dict(zip(pointers, stored, strict=True))
 
 
 def coalesce(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
