@@ -12,7 +12,8 @@ The client talks to the proxy; the proxy relays to the real server. Two faults:
   unknown to the client). ``drops`` limits how often.
 
 ``received`` counts the bytes relayed from the server to the client (responses, headers included):
-what a load fetched over the wire.
+what a load fetched over the wire. ``requests`` holds the request lines relayed, in order (e.g.
+``b"PUT /bucket/key HTTP/1.1"``): what a copy wrote, and when.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class CuttingProxy:
         self.cut_count = 0
         self.drop_count = 0
         self.received = 0
+        self.requests: list[bytes] = []
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -108,6 +110,9 @@ class CuttingProxy:
                 if threshold is not None and sent + len(data) > threshold and self._take_cut():
                     state.close()
                     return
+                if data.startswith(_METHODS):
+                    with self._lock:
+                        self.requests.append(data.split(b"\r\n", 1)[0])
                 state.server.sendall(data)
                 sent += len(data)
         except OSError:
@@ -133,6 +138,9 @@ class CuttingProxy:
         except OSError:
             pass
         state.close()
+
+
+_METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ")
 
 
 class _Connection:
