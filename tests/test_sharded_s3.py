@@ -14,11 +14,14 @@ from typing import Any
 
 import pytest
 
-from ml_playground.checkpoint import CheckpointManager, LocalStore, open_store
+from ml_playground.checkpoint import CheckpointManager, KeepPolicy, LocalStore, open_store
+from ml_playground.errors import CheckpointCorruptError
 from tests.cli_support import TINY, assert_same_state, ckpt_names, run_cli, run_main, sets
+from tests.conftest import make_checkpoint
 from tests.distributed_support import rank_text, torchrun
 from tests.servers import MotoServer, S3LocationFactory
 from tests.tcp_proxy import CuttingProxy
+from tests.test_sharded_store import _save
 
 pytestmark = [pytest.mark.s3, pytest.mark.distributed, pytest.mark.timeout(600)]
 
@@ -44,6 +47,25 @@ def _ok(result: Any) -> Any:
     assert "Traceback" not in text
     assert "Warning" not in text
     return result
+
+
+@pytest.mark.parametrize("kind", ["model", "optim"])
+def test_a_flipped_bit_in_an_s3_part_is_caught_on_load_naming_the_part(
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str, kind: str
+) -> None:
+    manager = CheckpointManager(open_store(s3_location(), create=True), KeepPolicy(last=1, best=0))
+    name = _save(manager, make_checkpoint(1, width=256, ema=True))  # one rank, without a process group
+    part = f"{name}.part-00000-of-00001.{kind}"
+    blob = bytearray(s3_admin.get_object(Bucket=s3_bucket, Key=f"run/{part}")["Body"].read())
+    blob[len(blob) // 2] ^= 0x10
+    s3_admin.put_object(Bucket=s3_bucket, Key=f"run/{part}", Body=bytes(blob))
+    reader = CheckpointManager(open_store(s3_location()))
+    reads = [reader.verify, reader.load] + ([reader.load_weights] if kind == "model" else [])
+    for read in reads:  # ranged reads of a weights-only load included
+        with pytest.raises(CheckpointCorruptError, match=part.replace(".", r"\.")):
+            read(name)
+    if kind == "optim":
+        assert reader.load_weights(name).iter_num == 1  # never fetched, so never noticed
 
 
 def test_an_fsdp_run_on_s3_resumes_there_bitwise(

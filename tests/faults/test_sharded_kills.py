@@ -71,11 +71,13 @@ class Target:
     train_options: list[str]
     ckpt_options: list[str]
     store: Callable[[], CheckpointStore]
+    directory: Path | None = None
 
 
 def _target(kind: str, tmp_path: Path, request: pytest.FixtureRequest, prefix: str) -> Target:
     if kind == "local":
-        return Target("out/run", [], [], lambda: LocalStore(tmp_path / "out" / "run"))
+        run = tmp_path / "out" / "run"
+        return Target("out/run", [], [], lambda: LocalStore(run), run)
     s3_location: S3LocationFactory = request.getfixturevalue("s3_location")
     location = s3_location(prefix)
     endpoint = location.storage_options.endpoint_url
@@ -144,6 +146,8 @@ def _restart(cwd: Path, target: Target, newest: int) -> None:
     assert f"resuming from iteration {newest} " in rank_text(resumed, 0)
     manager = CheckpointManager(target.store())
     assert manager.leftovers() == []  # the writer removed them when it took the lease
+    if target.directory is not None:  # and the temporary of the killed rank's half-written part
+        assert not [name for name in os.listdir(target.directory) if name.startswith(TEMP_PREFIX)]
     for info in manager.checkpoints():
         manager.verify(info.filename)
 
@@ -207,6 +211,7 @@ def test_the_ci_sample_covers_every_stage_victim_mode_and_store() -> None:
 
 @pytest.mark.sweep
 @pytest.mark.s3
+@pytest.mark.timeout(3600)  # 60 cases of two torchrun launches each
 def test_the_whole_kill_matrix(tmp_path: Path, request: pytest.FixtureRequest, record_property: Any) -> None:
     counts: dict[str, int] = {}
     for index, case in enumerate(MATRIX):
