@@ -61,6 +61,44 @@ def test_the_process_stops_the_nth_time_its_rank_reaches_the_stage_and_goes_on_w
             process.wait()
 
 
+IN_A_THREAD = """
+import sys, threading, time
+from ml_playground.checkpoint._stop_seam import reached
+
+def save():  # as an async save does: the stage is reached in a background thread
+    reached("rotation")
+    sys.stdout.write("ran on past the stage\\n")
+    sys.stdout.flush()
+
+print("ready", flush=True)
+thread = threading.Thread(target=save)
+thread.start()
+thread.join()
+"""
+
+
+def test_a_background_thread_stops_at_the_stage_itself() -> None:
+    runs = []
+    for _ in range(5):
+        env = {key: val for key, val in os.environ.items() if key != "RANK"}
+        env[STOP_AT_VARIABLE] = "rotation:0:1"
+        process = subprocess.Popen([sys.executable, "-c", IN_A_THREAD], env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == "ready\n"
+            deadline = time.monotonic() + 30
+            while _state(process.pid) != "T":
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            os.kill(process.pid, signal.SIGKILL)  # as the fault test does, the moment it sees the stop
+            runs.append(process.communicate(timeout=30)[0])
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert runs == [""] * 5  # never a line written after the stage
+
+
 NEVER_STOPS = """
 import os
 from ml_playground.checkpoint import _stop_seam

@@ -46,4 +46,6 @@ def reached(stage: str) -> None:
         _counts[stage] += 1
         stop = _counts[stage] == nth
     if stop:
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # Sent to this thread, not the process: the kernel may hand a process-directed SIGSTOP to another
+        # thread, and this one (an async save's) would run on past the stage until the whole group stops.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
