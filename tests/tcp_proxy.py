@@ -5,12 +5,15 @@ The client talks to the proxy; the proxy relays to the real server. Two faults:
 - ``cut_after_bytes``: a connection that has sent more than this many bytes to the server in total is
   closed on both sides at once (a connection dying mid-upload). ``cuts`` limits how many connections
   are cut (``None``: every one that crosses the threshold).
+- ``cut_when``: a predicate on the first bytes of a request; every connection carrying a request it matches
+  is closed before the request reaches the server (e.g. one rank's uploads: a fault of one writer).
 - ``drop_response_when``: a predicate on the first bytes of a request; when it matches, the request
   reaches the server but the connection is closed before the response returns (the outcome is
   unknown to the client). ``drops`` limits how often.
 
 ``received`` counts the bytes relayed from the server to the client (responses, headers included):
-what a load fetched over the wire.
+what a load fetched over the wire. ``requests`` holds the request lines relayed, in order (e.g.
+``b"PUT /bucket/key HTTP/1.1"``): what a copy wrote, and when.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ class CuttingProxy:
         self.port: int = self._listener.getsockname()[1]
         self.cut_after_bytes: int | None = None
         self.cuts: int | None = None
+        self.cut_when: Callable[[bytes], bool] | None = None
         self.drop_response_when: Callable[[bytes], bool] | None = None
         self.drops = 0
         self.cut_count = 0
         self.drop_count = 0
         self.received = 0
+        self.requests: list[bytes] = []
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closing = False
@@ -94,12 +99,20 @@ class CuttingProxy:
                 data = state.client.recv(65536)
                 if not data:
                     break
+                if self.cut_when is not None and self.cut_when(data[:512]):
+                    with self._lock:
+                        self.cut_count += 1
+                    state.close()
+                    return
                 if self._take_drop(data[:512]):
                     state.drop_response = True
                 threshold = self.cut_after_bytes
                 if threshold is not None and sent + len(data) > threshold and self._take_cut():
                     state.close()
                     return
+                if data.startswith(_METHODS):
+                    with self._lock:
+                        self.requests.append(data.split(b"\r\n", 1)[0])
                 state.server.sendall(data)
                 sent += len(data)
         except OSError:
@@ -125,6 +138,9 @@ class CuttingProxy:
         except OSError:
             pass
         state.close()
+
+
+_METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ")
 
 
 class _Connection:

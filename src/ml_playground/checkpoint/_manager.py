@@ -14,6 +14,7 @@ from ml_playground.checkpoint._loading import load_checkpoint, load_manifest, lo
 from ml_playground.checkpoint._naming import CheckpointInfo, CheckpointKind, CheckpointName
 from ml_playground.checkpoint._reads import load_chosen, rotated_away_if_missing
 from ml_playground.checkpoint._rotation import KeepPolicy, MetricMode, best_first, to_delete
+from ml_playground.checkpoint._stop_seam import reached
 from ml_playground.checkpoint._store import CheckpointStore, StoredObject
 from ml_playground.checkpoint._view import StoredView
 from ml_playground.checkpoint.format import MapLocation, encode
@@ -213,6 +214,7 @@ class CheckpointManager:
                     logger.warning("%s/%s was already gone; the next save lists afresh", self.store.url, name.filename)
                     self._view.forget()
                     continue
+                reached("rotation")  # a test seam (a no-op unless a fault test asks): the parts remain
                 delete_all(self.store, stored[name], f"a part of {name.filename}")
                 self._view.removed(self.lease, name)
                 logger.info("rotated away %s/%s", self.store.url, name.filename)

@@ -26,6 +26,7 @@ from torch.futures import Future
 
 from ml_playground.checkpoint._checkpoint import Checkpoint
 from ml_playground.checkpoint._parts import PART_KINDS, PartKind, part_filename
+from ml_playground.checkpoint._stop_seam import reached
 from ml_playground.checkpoint._store import CheckpointStore
 from ml_playground.checkpoint.format import encode
 from ml_playground.checkpoint.sharded._index import STRATEGY
@@ -87,6 +88,8 @@ class StoreWriter(StorageWriter):
                     }
                     results.append(WriteResult(index=item.index, size_in_bytes=data.nbytes, storage_data=info))
                     offset += data.nbytes
+                if kind == "optim":
+                    reached("parts")  # a test seam (a no-op unless a fault test asks): the .model part committed
             self.written.append(part)
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -113,8 +116,10 @@ class StoreWriter(StorageWriter):
         }
         manifest = self._manifest(record)
         destination = f"{self.store.url}/{self.name}"
+        reached("gathered")  # test seams: every rank's parts committed, then the manifest written, not committed
         with self.store.write(self.name) as stream:
             encode(manifest, stream, destination=destination)
+            reached("manifest")
         self.committed = tuple(sorted(parts))
 
     def storage_meta(self) -> StorageMeta | None:
