@@ -117,7 +117,13 @@ def test_a_real_sigterm_at_a_random_moment_behaves_the_same(tmp_path: Path, refe
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(random.Random(15).uniform(2.0, 4.0))
+    # the handler is in place by the first save (a SIGTERM during start-up kills the process, as for any program)
+    deadline = time.monotonic() + 120
+    while "ckpt_last_00000000.pt" not in (ckpt_names(tmp_path / "run") if (tmp_path / "run").exists() else []):
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "the run made no first checkpoint in 120 s"
+        time.sleep(0.05)
+    time.sleep(random.Random(15).uniform(0.5, 2.0))
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 143, out + err
