@@ -67,6 +67,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--n-embd", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--s3-n-layer", type=int, default=2, help="S3 state: fewer layers (moto holds 4-5x a part)")
+    parser.add_argument("--s3-part-mib", type=int, default=8, help="the second S3 mode's part size")
+    parser.add_argument("--s3-in-flight", type=int, default=2, help="the second S3 mode's parts in flight")
     parser.add_argument("--cache", choices=("cold", "warm"), default="cold")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ml_playground_sharded_bench"))
     parser.add_argument("--keep", type=Path, help="keep the checkpoints the loads read here (for --from)")
@@ -181,12 +183,15 @@ class Bench:
                 _empty(admin)
             dist.barrier()
 
-        def ours(rep: int) -> Callable[[], object]:
-            clear()
-            location = RemoteLocation(
-                scheme="s3", root=f"{BUCKET}/ours-{rep}", storage_options=StorageOptions(endpoint_url=endpoint)
-            )
-            return self.ours_save(open_store(location, create=True), rep + 1, state)
+        def ours_with(**chosen: int) -> Callable[[int], Callable[[], object]]:
+            def ours(rep: int) -> Callable[[], object]:
+                clear()
+                tag = "-".join(map(str, chosen.values()))
+                options = StorageOptions(endpoint_url=endpoint, **chosen)  # type: ignore[arg-type]
+                location = RemoteLocation(scheme="s3", root=f"{BUCKET}/ours{tag}-{rep}", storage_options=options)
+                return self.ours_save(open_store(location, create=True), rep + 1, state)
+
+            return ours
 
         def theirs(rep: int) -> Callable[[], object]:
             clear()
@@ -194,7 +199,9 @@ class Bench:
             return lambda: dcp.save(state, storage_writer=FsspecWriter(url, **options))
 
         try:
-            self.alternate("s3", {"ours": ours, "dcp": theirs})
+            small = {"part_size_mib": self.args.s3_part_mib, "max_concurrency": self.args.s3_in_flight}
+            bounded = f"ours, {small['part_size_mib']} MiB x {small['max_concurrency']}"
+            self.alternate("s3", {"ours": ours_with(), bounded: ours_with(**small), "dcp": theirs})
             clear()
         finally:
             if server is not None:
@@ -335,15 +342,17 @@ def _report(results: dict[str, Any]) -> None:
             per_rank = [max(p[r] for p in peaks) for r in range(len(shard))]
             share = ", ".join(f"{p:.1f} MiB ({p * MIB / s:.1%})" for p, s in zip(per_rank, shard, strict=True))
             print(
-                f"  {mode:5s} min {min(seconds):.3f} s, median {statistics.median(seconds):.3f} s;  "
+                f"  {mode:18s} min {min(seconds):.3f} s, median {statistics.median(seconds):.3f} s;  "
                 + " ".join(f"{s:.2f}" for s in seconds)
             )
-            print(f"        peak RSS growth per rank, max over rounds: {share}")
-        ours, theirs = data["times"]["ours"], data["times"]["dcp"]
-        print(
-            f"  ours / dcp: {min(ours) / min(theirs):.3f} by min, "
-            f"{statistics.median(ours) / statistics.median(theirs):.3f} by median"
-        )
+            print(f"  {'':18s} peak RSS growth per rank, max over rounds: {share}")
+        theirs = data["times"]["dcp"]
+        for mode, ours in data["times"].items():
+            if mode != "dcp":
+                print(
+                    f"  {mode} / dcp: {min(ours) / min(theirs):.3f} by min, "
+                    f"{statistics.median(ours) / statistics.median(theirs):.3f} by median"
+                )
     if "load_saved_at" in results:
         print(f"\nloads read checkpoints saved at world size {results['load_saved_at']}")
 
