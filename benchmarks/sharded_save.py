@@ -38,6 +38,7 @@ import gc
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -220,20 +221,27 @@ class Bench:
                 server[0].wait(10)
 
     def start_moto(self) -> tuple[subprocess.Popen[bytes], str]:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from tests.servers import _wait_for_port, free_port
-
-        port = free_port()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         script = Path(sys.executable).parent / "moto_server"
         env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
         process = subprocess.Popen(
             [str(script), "-H", "127.0.0.1", "-p", str(port)], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        _wait_for_port(port, process, "moto_server")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    raise SystemExit("moto_server did not start") from None
+                time.sleep(0.05)
         endpoint = f"http://127.0.0.1:{port}"
         _admin(endpoint).create_bucket(Bucket=BUCKET)
-        self.results["moto_pid"] = process.pid
         return process, endpoint
 
     # ---------------------------------------------------------------- loads
