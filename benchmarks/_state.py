@@ -34,7 +34,7 @@ class _Block(nn.Module):
         self.mlp = nn.ModuleDict({"c_fc": nn.Linear(d, 4 * d), "c_proj": nn.Linear(4 * d, d)})
 
 
-class _GPT(nn.Module):
+class GPT(nn.Module):
     def __init__(self, c: dict[str, Any]) -> None:
         super().__init__()
         d = c["n_embd"]
@@ -53,7 +53,7 @@ def build_state(size_mb: int) -> tuple[dict[str, Any], nn.Module, torch.optim.Op
     """Random fp32 model + AdamW after one real step (exp_avg and exp_avg_sq: 2x the params)."""
     cfg = gpt_config(size_mb)
     with torch.device("meta"):
-        model = _GPT(cfg)
+        model = GPT(cfg)
     model = model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

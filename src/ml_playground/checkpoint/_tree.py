@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -43,6 +43,8 @@ NODES_PER_PICKLE_BYTE = 4
 a shared small tuple (AdamW's ``betas`` in every param group) about 1.5 per byte of its 2-byte memo
 reference. Four per byte, plus :data:`_NODE_FLOOR`, leaves room for both and none for exponential sharing."""
 _NODE_FLOOR = 10_000
+_EXACT_SCALARS = frozenset(PLAIN_SCALARS)
+"""The plain scalar types themselves (a subclass takes the general checks)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ class Node:
 
 def _items(value: object) -> Iterator[tuple[object, object]] | None:
     """(key or index, item) of a container, lazily; None for a leaf."""
+    kind = type(value)
+    if kind in _EXACT_SCALARS:  # most values of a tree: leaves, and the ABC checks below are slow
+        return None
+    if kind is dict:
+        return iter(cast("dict[object, object]", value).items())
     if isinstance(value, Mapping):
         return iter(value.items())
     if isinstance(value, (list, tuple)):
@@ -170,6 +177,9 @@ def check_plain_tree(where: str, value: object, *, tensors_allowed: bool, limits
     """Raise unless ``value`` is plain data (None, bool, int, float, str, list, tuple, dict) [and tensors]."""
     for node in walk(value, where, limits):
         item = node.value
+        kind = type(item)
+        if kind in _EXACT_SCALARS or kind is list or kind is tuple:  # plain, without the ABC checks below
+            continue
         if isinstance(item, Mapping):
             for key in item:
                 if isinstance(key, bool) or not isinstance(key, (str, int)):

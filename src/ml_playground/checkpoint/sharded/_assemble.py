@@ -154,7 +154,7 @@ def _on(state: dict[str, Any], map_location: MapLocation, source: str) -> dict[s
     return moved
 
 
-def _plain_object(data: bytes, where: str, fqn: str) -> Any:
+def _plain_object(data: bytes | bytearray, where: str, fqn: str) -> Any:
     """An item DCP saved as bytes (``torch.save`` of plain data, e.g. an optimizer's learning rate)."""
     try:
         return torch.load(io.BytesIO(data), weights_only=True)

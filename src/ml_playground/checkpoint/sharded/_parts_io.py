@@ -34,39 +34,68 @@ def coalesce(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 class PartReader:
     """One part object, opened for ranged reads; ``read`` checks each range's digest."""
 
-    def __init__(self, source: str, path: Path | None, stream: IO[bytes] | None) -> None:
+    def __init__(
+        self, source: str, path: Path | None, stream: IO[bytes] | None, ranges: Sequence[tuple[int, int]] = ()
+    ) -> None:
         self.source = source
         self._path = path
         self._stream = stream
+        self._ranges = ranges
         self._fd: int | None = None
 
-    def read(self, offset: int, length: int, digest: str) -> bytes:
+    def read(self, offset: int, length: int, digest: str) -> bytearray:
         """The part's bytes ``[offset, offset + length)``; damaged or missing bytes raise, naming the part."""
-        if length == 0:
-            data = b""
-        elif self._path is not None:
+        data = bytearray(length)
+        self.read_into(offset, memoryview(data), digest)
+        return data
+
+    def read_into(self, offset: int, target: memoryview, digest: str) -> None:
+        """Fill ``target`` (writable, contiguous bytes) with the part's bytes from ``offset`` on, with no copy of
+        ours, and check their digest; damaged or missing bytes raise, naming the part (``target`` then holds
+        what was read)."""
+        target = target.cast("B")
+        length = len(target)
+        filled = 0
+        if length and self._path is not None:
             try:
                 if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-                data = os.pread(self._fd, length, offset)
+                    self._fd = self._open(self._path)
+                while filled < length:
+                    got = os.preadv(self._fd, [target[filled:]], offset + filled)
+                    if not got:
+                        break
+                    filled += got
             except FileNotFoundError:  # deleted since the listing: rotated away, or damage (the caller tells)
                 raise CheckpointNotFoundError(f"its part {self.source} is missing") from None
             except OSError as exc:
                 raise StorageError(f"cannot read {self.source}: {exc.strerror or exc}") from None
-        else:
+        elif length:
             assert self._stream is not None
             self._stream.seek(offset)
-            data = self._stream.read(length)
-        if len(data) != length:
+            while filled < length:
+                got = self._stream.readinto(target[filled:])  # type: ignore[attr-defined]
+                if not got:
+                    break
+                filled += got
+        if filled != length:
             raise CheckpointCorruptError(
-                f"{self.source} is truncated: bytes {offset}..{offset + length - 1} end after {len(data)} bytes"
+                f"{self.source} is truncated: bytes {offset}..{offset + length - 1} end after {filled} bytes"
             )
-        if xxhash.xxh3_64_hexdigest(data) != digest:
+        if xxhash.xxh3_64_hexdigest(target) != digest:
             raise CheckpointCorruptError(
                 f"{self.source} is damaged: bytes {offset}..{offset + length - 1} do not match their checksum. "
                 "Delete the checkpoint, or restore it from a copy."
             )
-        return data
+
+    def _open(self, path: Path) -> int:
+        """The file, opened; the kernel asked to start reading the ranges to be read (the reads and the digests
+        then overlap the disk's work)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if hasattr(os, "posix_fadvise"):
+            for start, end in self._ranges:
+                with contextlib.suppress(OSError):  # a hint only
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        return fd
 
     def close(self) -> None:
         if self._fd is not None:
@@ -84,7 +113,7 @@ def read_parts(store: CheckpointStore, wanted: dict[str, list[tuple[int, int]]])
             source = f"{store.url}/{name}"
             try:
                 if capabilities.local_path is not None:
-                    reader = PartReader(source, capabilities.local_path(name), None)
+                    reader = PartReader(source, capabilities.local_path(name), None, coalesce(ranges))
                 elif capabilities.partial_copy is not None:
                     copy = stack.enter_context(capabilities.partial_copy(name))
                     if copy is None:

@@ -60,27 +60,31 @@ class StoreReader(StorageReader):
             wanted.setdefault(info["part"], []).append((info["offset"], info["offset"] + info["length"]))
         entries = self.index.metadata.state_dict_metadata
         with read_parts(self.store, wanted) as readers:
-            cached: tuple[tuple[str, int], bytes] | None = None
+            cached: tuple[tuple[str, int], torch.Tensor] | None = None
             for info, request in sorted(requests, key=lambda pair: (pair[0]["part"], pair[0]["offset"])):
-                where = (info["part"], info["offset"])
-                if cached is None or cached[0] != where:  # requests for one saved chunk share one read
-                    cached = (where, readers[info["part"]].read(info["offset"], info["length"], info["xxh3"]))
-                data = cached[1]
+                reader = readers[info["part"]]
                 if request.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(request, io.BytesIO(data))
+                    planner.load_bytes(request, io.BytesIO(reader.read(info["offset"], info["length"], info["xxh3"])))
                     continue
                 value = entries[request.storage_index.fqn]
                 assert isinstance(value, TensorStorageMetadata)
                 chunk = next(c for c in value.chunks if list(c.offsets) == list(request.storage_index.offset or []))
-                saved = _chunk(data, value.properties.dtype, chunk.sizes)
-                source = narrow_tensor_by_index(saved, request.storage_offsets, request.lengths)
                 target = planner.resolve_tensor(request).detach()
-                if target.size() != source.size():
+                if target.size() != torch.Size(request.lengths):
                     raise CheckpointSchemaError(
                         f"{self.store.url}: item {request.storage_index.fqn} does not fit this run's state "
-                        f"({tuple(source.size())} saved, {tuple(target.size())} here)"
+                        f"({tuple(request.lengths)} saved, {tuple(target.size())} here)"
                     )
-                target.copy_(source)
+                if _whole(request, chunk.sizes) and _fillable(target, value.properties.dtype, info["length"]):
+                    # the common case (a load at the world size it was saved at): read straight into the state
+                    reader.read_into(info["offset"], _bytes_of(target), info["xxh3"])
+                else:
+                    where = (info["part"], info["offset"])
+                    if cached is None or cached[0] != where:  # requests for one saved chunk share one read
+                        buffer = torch.empty(info["length"], dtype=torch.uint8)
+                        reader.read_into(info["offset"], _bytes_of(buffer), info["xxh3"])
+                        cached = (where, _chunk(buffer, value.properties.dtype, chunk.sizes))
+                    target.copy_(narrow_tensor_by_index(cached[1], request.storage_offsets, request.lengths))
                 planner.commit_tensor(request, target)
         done: Future[None] = Future()
         done.set_result(None)
@@ -113,7 +117,29 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
-def _chunk(data: bytes, dtype: torch.dtype, sizes: torch.Size) -> torch.Tensor:
-    if not data:
+def _whole(request: ReadItem, sizes: torch.Size) -> bool:
+    """Whether ``request`` asks for the whole saved chunk."""
+    return not any(request.storage_offsets) and list(request.lengths) == list(sizes)
+
+
+def _fillable(target: torch.Tensor, dtype: torch.dtype, length: int) -> bool:
+    """Whether the saved bytes can be read straight into ``target``'s memory."""
+    return (
+        target.device.type == "cpu"
+        and target.dtype == dtype
+        and target.is_contiguous()
+        and target.numel() * target.element_size() == length
+    )
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory, writable."""
+    if not tensor.numel():
+        return memoryview(bytearray())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+
+
+def _chunk(buffer: torch.Tensor, dtype: torch.dtype, sizes: torch.Size) -> torch.Tensor:
+    if not buffer.numel():
         return torch.empty(sizes, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(sizes)
+    return buffer.view(dtype).reshape(sizes)
