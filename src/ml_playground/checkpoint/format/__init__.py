@@ -22,6 +22,7 @@ from ml_playground.checkpoint.format._tensors import plain_tensor_problem
 from ml_playground.checkpoint.format._torch import MapLocation
 from ml_playground.checkpoint.format._version import FORMAT_MAGIC, FORMAT_VERSION
 from ml_playground.checkpoint.format._weights import read_weights
+from ml_playground.checkpoint.format._zip_layout import coalesce
 
 __all__ = [
     "FORMAT_MAGIC",
@@ -30,6 +31,7 @@ __all__ = [
     "TENSOR_SECTIONS",
     "MapLocation",
     "Source",
+    "coalesce",
     "decode",
     "encode",
     "integrity_record",

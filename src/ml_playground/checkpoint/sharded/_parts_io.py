@@ -15,20 +15,10 @@ from typing import IO
 import xxhash
 
 from ml_playground.checkpoint._store import CheckpointStore
+from ml_playground.checkpoint.format import coalesce
 from ml_playground.errors import CheckpointCorruptError, CheckpointNotFoundError, StorageError
 
-__all__ = ["PartReader", "coalesce", "read_parts"]
-
-
-def coalesce(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, non-empty ranges with overlapping or adjacent ones merged."""
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(r for r in ranges if r[0] < r[1]):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
+__all__ = ["PartReader", "read_parts"]
 
 
 class PartReader:
