@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -219,22 +220,18 @@ def test_a_failed_manifest_write_leaves_no_part(store: RecordingStore) -> None:
 
 
 def _rewritten(store: LocalStore, name: str, change: Any) -> None:
-    """The manifest ``name`` re-encoded (its digests valid) with ``change(shards)`` applied to its record."""
+    """The manifest ``name`` re-encoded (its digests valid) with ``change(shards)`` applied to its record, whose
+    DCP metadata is given to ``change`` decoded from its JSON text."""
     path = store.path / name
     manifest = decode(path, source=name)
     assert manifest.shards is not None
-    shards = change(_copy(manifest.shards))
+    record = dict(manifest.shards)
+    changed = change({**record, "parts": dict(record["parts"]), "dcp": json.loads(record["dcp"])})
+    if not isinstance(changed["dcp"], str):
+        changed["dcp"] = json.dumps(changed["dcp"])
     buffer = io.BytesIO()
-    encode(dataclasses.replace(manifest, shards=shards), buffer)
+    encode(dataclasses.replace(manifest, shards=changed), buffer)
     path.write_bytes(buffer.getvalue())
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
 
 
 def _first_item(shards: dict[str, Any]) -> dict[str, Any]:
@@ -280,6 +277,31 @@ def _big_endian(shards: dict[str, Any]) -> dict[str, Any]:
     return shards
 
 
+def _dcp_as_tables(shards: dict[str, Any]) -> dict[str, Any]:
+    shards["dcp"] = {"text": json.dumps(shards["dcp"])}  # plain data, but not the JSON text a manifest keeps
+    return shards
+
+
+def _dcp_not_json(shards: dict[str, Any]) -> dict[str, Any]:
+    shards["dcp"] = json.dumps(shards["dcp"])[:-1]
+    return shards
+
+
+def _dcp_nested_too_deep(shards: dict[str, Any]) -> dict[str, Any]:
+    shards["dcp"] = "[" * 200_000 + "]" * 200_000
+    return shards
+
+
+def _first_offset_written_as(text: str) -> Any:
+    def change(shards: dict[str, Any]) -> dict[str, Any]:
+        plain = json.dumps(shards["dcp"], separators=(",", ":"))
+        assert '"offset":0' in plain
+        shards["dcp"] = plain.replace('"offset":0', f'"offset":{text}', 1)
+        return shards
+
+    return change
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -290,6 +312,12 @@ def _big_endian(shards: dict[str, Any]) -> dict[str, Any]:
         (_path_collision, "path"),
         (_no_sections, "sections"),
         (_big_endian, "endian"),
+        (_dcp_as_tables, "no DCP metadata"),
+        (_dcp_not_json, "not JSON"),
+        (_dcp_nested_too_deep, "not JSON"),
+        (_first_offset_written_as("NaN"), "not JSON"),
+        (_first_offset_written_as("9" * 5000), "not JSON"),  # beyond int's digit limit for text
+        (_first_offset_written_as("0.0"), "offset = 0.0"),
     ],
 )
 def test_a_manifest_whose_record_does_not_hold_together_is_refused(

@@ -12,7 +12,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from ml_playground.checkpoint._parts import PART_KINDS, PartName
-from ml_playground.checkpoint.sharded._metadata import ItemInfo, from_plain
+from ml_playground.checkpoint.sharded._metadata import ItemInfo, from_json
 from ml_playground.errors import CheckpointError, CheckpointNameError, CheckpointSchemaError
 
 __all__ = ["STRATEGY", "ShardIndex"]
@@ -49,7 +49,7 @@ class ShardIndex:
         if not isinstance(parts, Mapping) or not isinstance(sections, list) or not parts:
             raise CheckpointSchemaError(f"{source}: its manifest lists no parts or sections")
         world = _check_parts(parts, filename, source)
-        metadata = from_plain(shards.get("dcp"), source)
+        metadata = from_json(shards.get("dcp"), source)
         paths = metadata.planner_data
         assert isinstance(paths, dict)
         saved = sorted({str(path[0]) for path in paths.values()})

@@ -5,7 +5,7 @@ write: ``<name>.part-<rank>-of-<world>.model`` (model and EMA) and ``.optim`` (o
 is its raw contiguous bytes (no per-item archive), a bytes item the planner's ``torch.save`` of plain data; each
 item's range gets an xxh3 digest of exactly the bytes written. DCP gathers every rank's results on the
 coordinator, whose ``finish`` writes the manifest (our typed format: the iteration, metric, config, every rank's
-generator states, the DCP metadata as plain data with those digests) with the same atomic, never-replacing
+generator states, the DCP metadata as JSON text with those digests) with the same atomic, never-replacing
 write. The checkpoint exists if and only if its manifest does.
 """
 
@@ -30,7 +30,7 @@ from ml_playground.checkpoint._stop_seam import reached
 from ml_playground.checkpoint._store import CheckpointStore
 from ml_playground.checkpoint.format import encode
 from ml_playground.checkpoint.sharded._index import STRATEGY
-from ml_playground.checkpoint.sharded._metadata import to_plain
+from ml_playground.checkpoint.sharded._metadata import to_json
 
 __all__ = ["ManifestFactory", "StoreWriter"]
 
@@ -112,7 +112,7 @@ class StoreWriter(StorageWriter):
             "byteorder": sys.byteorder,
             "sections": sorted({str(path[0]) for path in paths.values()}),
             "parts": parts,
-            "dcp": to_plain(metadata),
+            "dcp": to_json(metadata),
         }
         manifest = self._manifest(record)
         destination = f"{self.store.url}/{self.name}"
