@@ -330,6 +330,18 @@ def test_a_manifest_whose_record_does_not_hold_together_is_refused(
         manager.load(name)
 
 
+def test_a_manifest_keeps_dcp_metadata_as_one_json_text(store: RecordingStore) -> None:
+    """One string, not thousands of small lists: every rank of a load unpickles and walks the manifest
+    (docs/file-format.md, "Sharded checkpoints: the manifest")."""
+    manager = CheckpointManager(store)
+    name = _save(manager, make_checkpoint(1, ema=True))
+    record = torch.load(store.path / name, weights_only=True)["shards"]
+    assert isinstance(record["dcp"], str)
+    plain = json.loads(record["dcp"])
+    assert set(plain) == {"items", "paths", "storage"}
+    assert {"model.0.weight", "ema.0.weight"} <= {entry["fqn"] for entry in plain["items"]}
+
+
 def test_a_sharded_manifest_names_its_checkpoint_and_never_replaces_one(store: RecordingStore) -> None:
     manager = CheckpointManager(store)
     name = _save(manager, make_checkpoint(1))
