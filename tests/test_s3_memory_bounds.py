@@ -1,8 +1,8 @@
 """Memory guards of S3 saves and loads (issue 6, targets 3 and 4), measured in a subprocess.
 
 moto runs in its own process (tests/servers.py), so its copies of the object are not the client's.
-A save streams: at most ``max_concurrency`` parts in flight plus the one being filled, whatever the
-checkpoint's size. A load fetches ranges concurrently into a temporary file and loads it by path: the
+A save (a single file, or one rank's parts of a sharded checkpoint) streams: at most ``max_concurrency`` parts
+in flight plus the one being filled, whatever the checkpoint's size. A load fetches ranges concurrently into a temporary file and loads it by path: the
 tensors are the only large allocation (peak <= 1.2x the checkpoint), and the temporary file is gone
 afterwards.
 """
@@ -101,14 +101,19 @@ SAVE_PROBE = textwrap.dedent(
 
     location = RemoteLocation.model_validate_json(sys.argv[1])
     manager = CheckpointManager(open_store(location, create=True), KeepPolicy(last=1, best=0))
-    manager.save_last(checkpoint(0, 24))  # botocore's service models and aiohttp load here, not in the save
+    if sys.argv[3] == "sharded":  # one rank's parts and its manifest, through DCP with our writer
+        from tests.test_sharded_store import _save
+        save = lambda ckpt: _save(manager, ckpt)
+    else:
+        save = lambda ckpt: manager.save_last(ckpt).filename
+    save(checkpoint(0, 24))  # botocore's service models and aiohttp (and DCP) load here, not in the save
     big = checkpoint(1, int(sys.argv[2]))  # the tensors exist before the measured save, as in training
     gc.collect()
     start = status()
     Path("/proc/self/clear_refs").write_text("5")
-    name = manager.save_last(big)
+    name = save(big)
     end = status()
-    print(json.dumps({"peak": end["VmHWM"] - start["VmRSS"], "name": name.filename}))
+    print(json.dumps({"peak": end["VmHWM"] - start["VmRSS"], "name": name}))
     """
 )
 
@@ -118,12 +123,13 @@ SAVE_OVERHEAD_MIB = 16  # torch's pickle, buffers of aiohttp and botocore; measu
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", ["single", "sharded"])
 def test_s3_save_peak_is_the_parts_in_flight_not_the_checkpoint(
-    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str
+    s3_location: S3LocationFactory, s3_admin: Any, s3_bucket: str, layout: str
 ) -> None:
     location = s3_location(part_size_mib=PART_MIB, max_concurrency=IN_FLIGHT)
     done = subprocess.run(
-        [sys.executable, "-c", SAVE_PROBE, location.model_dump_json(), str(SAVE_TENSOR_MIB)],
+        [sys.executable, "-c", SAVE_PROBE, location.model_dump_json(), str(SAVE_TENSOR_MIB), layout],
         capture_output=True,
         text=True,
         timeout=100,
@@ -132,7 +138,8 @@ def test_s3_save_peak_is_the_parts_in_flight_not_the_checkpoint(
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    size = s3_admin.head_object(Bucket=s3_bucket, Key=f"run/{result['name']}")["ContentLength"]
-    assert size >= SAVE_TENSOR_MIB * 2**20  # the save really happened, as a multipart upload of many parts
+    objects = s3_admin.list_objects_v2(Bucket=s3_bucket, Prefix=f"run/{result['name']}")["Contents"]
+    size = sum(obj["Size"] for obj in objects)  # the file, or the manifest and the parts (each of many parts)
+    assert size >= SAVE_TENSOR_MIB * 2**20  # the save really happened
     # max_concurrency parts in flight plus the one being filled (docs/performance.md, target 3)
     assert result["peak"] <= PART_MIB * (IN_FLIGHT + 1) + SAVE_OVERHEAD_MIB, result
