@@ -61,6 +61,9 @@ class StoreReader(StorageReader):
         entries = self.index.metadata.state_dict_metadata
         with read_parts(self.store, wanted) as readers:
             cached: tuple[tuple[str, int], torch.Tensor] | None = None
+            # one buffer for every chunk that is read whole and copied in pieces (resharding), grown to the
+            # largest: fresh buffers of varying sizes, freed in turn, grew a rank's heap by several chunks
+            scratch = torch.empty(0, dtype=torch.uint8)
             for info, request in sorted(requests, key=lambda pair: (pair[0]["part"], pair[0]["offset"])):
                 reader = readers[info["part"]]
                 if request.type == LoadItemType.BYTE_IO:
@@ -81,7 +84,11 @@ class StoreReader(StorageReader):
                 else:
                     where = (info["part"], info["offset"])
                     if cached is None or cached[0] != where:  # requests for one saved chunk share one read
-                        buffer = torch.empty(info["length"], dtype=torch.uint8)
+                        cached = None
+                        if scratch.numel() < info["length"]:
+                            scratch = torch.empty(0, dtype=torch.uint8)  # freed before the larger one is allocated
+                            scratch = torch.empty(info["length"], dtype=torch.uint8)
+                        buffer = scratch[: info["length"]]
                         reader.read_into(info["offset"], _bytes_of(buffer), info["xxh3"])
                         cached = (where, _chunk(buffer, value.properties.dtype, chunk.sizes))
                     target.copy_(narrow_tensor_by_index(cached[1], request.storage_offsets, request.lengths))
