@@ -2,9 +2,9 @@
 
 moto runs in its own process (tests/servers.py), so its copies of the object are not the client's.
 A save (a single file, or one rank's parts of a sharded checkpoint) streams: at most ``max_concurrency`` parts
-in flight plus the one being filled, whatever the checkpoint's size. A load fetches ranges concurrently into a temporary file and loads it by path: the
-tensors are the only large allocation (peak <= 1.2x the checkpoint), and the temporary file is gone
-afterwards.
+in flight plus the one being filled, whatever the checkpoint's size. A load fetches ranges concurrently into a
+temporary file and loads it by path: the tensors are the only large allocation (peak <= 1.2x the checkpoint),
+and the temporary file is gone afterwards.
 """
 
 from __future__ import annotations

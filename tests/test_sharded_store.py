@@ -226,9 +226,10 @@ def _rewritten(store: LocalStore, name: str, change: Any) -> None:
     manifest = decode(path, source=name)
     assert manifest.shards is not None
     record = dict(manifest.shards)
-    changed = change({**record, "parts": dict(record["parts"]), "dcp": json.loads(record["dcp"])})
-    if not isinstance(changed["dcp"], str):
-        changed["dcp"] = json.dumps(changed["dcp"])
+    plain = json.loads(record["dcp"])
+    changed = change({**record, "parts": dict(record["parts"]), "dcp": plain})
+    if changed["dcp"] is plain:  # changed in place: written back as JSON text (else as ``change`` left it)
+        changed["dcp"] = json.dumps(plain)
     buffer = io.BytesIO()
     encode(dataclasses.replace(manifest, shards=changed), buffer)
     path.write_bytes(buffer.getvalue())
@@ -312,7 +313,7 @@ def _first_offset_written_as(text: str) -> Any:
         (_path_collision, "path"),
         (_no_sections, "sections"),
         (_big_endian, "endian"),
-        (_dcp_as_tables, "no DCP metadata"),
+        (_dcp_as_tables, "its DCP metadata is a dict, not JSON text"),
         (_dcp_not_json, "not JSON"),
         (_dcp_nested_too_deep, "not JSON"),
         (_first_offset_written_as("NaN"), "not JSON"),

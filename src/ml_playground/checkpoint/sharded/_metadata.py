@@ -83,7 +83,7 @@ def to_json(metadata: Metadata) -> str:
 def from_json(text: object, where: str) -> Metadata:
     """The ``Metadata`` that ``to_json`` gave ``text``; anything malformed is a CheckpointSchemaError naming
     ``where``."""
-    _expect(isinstance(text, str), where, "no DCP metadata")
+    _expect(isinstance(text, str), where, f"its DCP metadata is a {type(text).__name__}, not JSON text")
     assert isinstance(text, str)
     try:
         plain = json.loads(text, parse_constant=_no_constant)
