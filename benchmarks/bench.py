@@ -113,7 +113,7 @@ def worker(args: argparse.Namespace) -> None:
 class Moto:
     """A moto_server on 127.0.0.1 with one bucket; its TMPDIR (spilled objects) under ``tmpdir``."""
 
-    def __init__(self, tmpdir: Path) -> None:
+    def __init__(self, tmpdir: Path, bucket: str = "bench") -> None:
         tmpdir.mkdir(parents=True, exist_ok=True)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -130,7 +130,7 @@ class Moto:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
             except OSError:
-                if time.monotonic() > deadline:
+                if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.2)
@@ -140,7 +140,7 @@ class Moto:
             "s3", endpoint_url=self.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
             region_name="us-east-1",
         )  # fmt: skip
-        client.create_bucket(Bucket="bench")
+        client.create_bucket(Bucket=bucket)
 
     def stop(self) -> None:
         self.process.terminate()

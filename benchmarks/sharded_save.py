@@ -38,9 +38,7 @@ import gc
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -55,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _fsdp_state
 from _measure import proc_status, reset_peak
+from bench import Moto
 
 from ml_playground.checkpoint import Checkpoint, CheckpointKind, CheckpointManager, LocalStore, open_store, sharded
 from ml_playground.locations import RemoteLocation, StorageOptions
@@ -181,8 +180,8 @@ class Bench:
 
     def s3(self, state: dict[str, Any]) -> None:
         os.environ.update(CREDENTIALS)
-        server = self.start_moto() if self.rank == 0 else None
-        endpoint = self.decide(server[1] if server else None)
+        moto = Moto(self.args.dir / "moto", bucket=BUCKET) if self.rank == 0 else None
+        endpoint = self.decide(moto.endpoint if moto else None)
         options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
         options["client_kwargs"] = {"region_name": "us-east-1"}
         admin = _admin(endpoint) if self.rank == 0 else None
@@ -216,33 +215,8 @@ class Bench:
             self.alternate("s3", {name: every[name] for name in wanted})
             clear()
         finally:
-            if server is not None:
-                server[0].terminate()
-                server[0].wait(10)
-
-    def start_moto(self) -> tuple[subprocess.Popen[bytes], str]:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        script = Path(sys.executable).parent / "moto_server"
-        env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
-        process = subprocess.Popen(
-            [str(script), "-H", "127.0.0.1", "-p", str(port)], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    raise SystemExit("moto_server did not start") from None
-                time.sleep(0.05)
-        endpoint = f"http://127.0.0.1:{port}"
-        _admin(endpoint).create_bucket(Bucket=BUCKET)
-        return process, endpoint
+            if moto is not None:
+                moto.stop()
 
     # ---------------------------------------------------------------- loads
     def load(self, state: dict[str, Any]) -> None:
