@@ -19,7 +19,6 @@ import torch
 from ml_playground.checkpoint import (
     Capabilities,
     Checkpoint,
-    CheckpointKind,
     CheckpointManager,
     LocalStore,
     open_store,
@@ -28,28 +27,10 @@ from ml_playground.checkpoint import (
 from ml_playground.config_loader import parse_location
 from ml_playground.errors import CheckpointCorruptError
 from tests.conftest import make_checkpoint
+from tests.test_sharded_store import _save
+from tests.test_sharded_store import _tensors as _state
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _state(checkpoint: Checkpoint) -> dict[str, Any]:
-    """What a sharded run hands the writer (as tests/test_sharded_store.py: optimizer keyed by names)."""
-    names = list(checkpoint.model)
-    optimizer = checkpoint.optimizer
-    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer["param_groups"]]
-    state = {names[i]: moments for i, moments in optimizer["state"].items()}
-    return {"model": dict(checkpoint.model), "optim": {"state": state, "param_groups": groups}}
-
-
-def _save(manager: CheckpointManager, checkpoint: Checkpoint) -> str:
-    meta = dataclasses.replace(checkpoint, model={}, optimizer={}, ema=None)
-    name = manager.prepare_save(CheckpointKind.LAST, meta)
-    assert name is not None
-    parts = sharded.save(
-        manager.store, name.filename, _state(checkpoint), manifest=lambda r: dataclasses.replace(meta, shards=r)
-    )
-    manager.committed(name, parts)
-    return name.filename
 
 
 def _templates(saved: dict[str, Any], *, contiguous: bool) -> dict[str, Any]:
@@ -77,6 +58,12 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return []
 
 
+def _assert_holds(templates: dict[str, Any], checkpoint: Checkpoint) -> None:
+    """Every tensor of ``templates`` equals the saved one (bitwise)."""
+    for loaded, saved in zip(_tensors(templates), _tensors(_state(checkpoint)), strict=True):
+        assert torch.equal(loaded, saved)
+
+
 def _load(manager: CheckpointManager, name: str, templates: dict[str, Any]) -> None:
     sharded.load_into(manager.store, manager.load_manifest(name), name, templates)
 
@@ -89,8 +76,7 @@ def test_a_load_fills_every_tensor_with_the_saved_values(tmp_path: Path, contigu
     templates = _templates(_state(checkpoint), contiguous=contiguous)
     assert any(not t.is_contiguous() for t in _tensors(templates)) == (not contiguous)
     _load(manager, name, templates)
-    for loaded, saved in zip(_tensors(templates), _tensors(_state(checkpoint)), strict=True):
-        assert torch.equal(loaded, saved)
+    _assert_holds(templates, checkpoint)
 
 
 def test_reads_through_a_buffer_share_one_buffer(tmp_path: Path) -> None:
@@ -122,8 +108,7 @@ def test_reads_through_a_buffer_share_one_buffer(tmp_path: Path) -> None:
     largest = max(w.numel() * w.element_size() for w in model.values())
     read = 3 * sum(w.numel() * w.element_size() for w in model.values())
     assert largest <= allocated <= 4 * largest < read / 3  # grown to the largest chunk, a few times at most
-    for loaded, saved in zip(_tensors(templates), _tensors(_state(checkpoint)), strict=True):
-        assert torch.equal(loaded, saved)
+    _assert_holds(templates, checkpoint)
 
 
 class StreamedStore(LocalStore):
@@ -142,8 +127,7 @@ def test_a_load_through_the_stores_stream_fills_every_tensor_and_verifies(tmp_pa
     name = _save(manager, checkpoint)
     templates = _templates(_state(checkpoint), contiguous=contiguous)
     _load(manager, name, templates)
-    for loaded, saved in zip(_tensors(templates), _tensors(_state(checkpoint)), strict=True):
-        assert torch.equal(loaded, saved)
+    _assert_holds(templates, checkpoint)
     part = store.path / f"{name}.part-00000-of-00001.model"
     original = part.read_bytes()
     data = bytearray(original)
@@ -164,8 +148,7 @@ def test_a_load_from_memory_fills_every_tensor_and_verifies(tmp_path: Path) -> N
     name = _save(manager, checkpoint)
     templates = _templates(_state(checkpoint), contiguous=True)
     _load(manager, name, templates)
-    for loaded, saved in zip(_tensors(templates), _tensors(_state(checkpoint)), strict=True):
-        assert torch.equal(loaded, saved)
+    _assert_holds(templates, checkpoint)
     part = f"{location.url}/{name}.part-00000-of-00001.optim"
     fs = fsspec.filesystem("memory")
     data = bytearray(fs.cat(part))
