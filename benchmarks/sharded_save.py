@@ -15,8 +15,9 @@ One torchrun job, one process per rank (gloo on CPU), the same sharded state (a 
 - ``s3``: the same two into a moto server this script starts on 127.0.0.1: ``ours`` through ``S3Store``
   (multipart uploads, ``part_size_mib`` x ``max_concurrency`` in flight), ``dcp`` through ``FsspecWriter``
   (s3fs);
-- ``load``: ``ours`` = the manifest read and ``checkpoint.sharded.load_into`` (every item verified against its
-  digest; ``ours, manifest read before``: the same with the manifest read and decoded before the timing) against
+- ``load``: ``ours`` = the manifest read and validated (its ``ShardIndex``) and ``checkpoint.sharded.load_into``
+  (every item verified against its digest; ``ours, manifest read before``: the same with the manifest read and
+  validated before the timing) against
   ``dcp`` = ``dcp.load`` with ``FileSystemReader`` (unverified, its metadata read inside), into the same (zeroed)
   tensors, from checkpoints saved once before the rounds (or by an earlier run: ``--from``, possibly at another
   world size). ``--cache cold`` (default) evicts the checkpoints' files from the page cache before every load
@@ -239,12 +240,17 @@ class Bench:
             dist.barrier()
             return action
 
+        def index_of(manifest: Checkpoint) -> sharded.ShardIndex:  # what the training flow's resume reads
+            return sharded.ShardIndex.of(manifest.shards, filename, f"{store.url}/{filename}")
+
         def ours(rep: int) -> Callable[[], object]:
-            return prepared(lambda: sharded.load_into(store, manager.load_manifest(filename), filename, state))
+            return prepared(
+                lambda: sharded.load_into(store, filename, index_of(manager.load_manifest(filename)), state)
+            )
 
         def given(rep: int) -> Callable[[], object]:  # the manifest read (and decoded) before, untimed
-            manifest = manager.load_manifest(filename)
-            return prepared(lambda: sharded.load_into(store, manifest, filename, state))
+            index = index_of(manager.load_manifest(filename))
+            return prepared(lambda: sharded.load_into(store, filename, index, state))
 
         def theirs(rep: int) -> Callable[[], object]:
             return prepared(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(str(source / "dcp"))))

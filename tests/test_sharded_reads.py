@@ -64,8 +64,12 @@ def _assert_holds(templates: dict[str, Any], checkpoint: Checkpoint) -> None:
         assert torch.equal(loaded, saved)
 
 
+def _index(manager: CheckpointManager, name: str) -> sharded.ShardIndex:
+    return sharded.ShardIndex.of(manager.load_manifest(name).shards, name, f"{manager.store.url}/{name}")
+
+
 def _load(manager: CheckpointManager, name: str, templates: dict[str, Any]) -> None:
-    sharded.load_into(manager.store, manager.load_manifest(name), name, templates)
+    sharded.load_into(manager.store, name, _index(manager, name), templates)
 
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["into the tensors", "through a buffer"])
@@ -100,10 +104,10 @@ def test_reads_through_a_buffer_share_one_buffer(tmp_path: Path) -> None:
     )
     manager = CheckpointManager(LocalStore(tmp_path / "run", create=True))
     name = _save(manager, checkpoint)
-    manifest = manager.load_manifest(name)
+    index = _index(manager, name)
     templates = _templates(_state(checkpoint), contiguous=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        sharded.load_into(manager.store, manifest, name, templates)
+        sharded.load_into(manager.store, name, index, templates)
     allocated = sum(event.cpu_memory_usage for event in profile.events() if event.cpu_memory_usage > 0)
     largest = max(w.numel() * w.element_size() for w in model.values())
     read = 3 * sum(w.numel() * w.element_size() for w in model.values())

@@ -61,7 +61,7 @@ def load_sharded(state: TrainState, manager: CheckpointManager, filename: str, m
     stepped = index.holds("optim", "state")  # a checkpoint written before the first step holds no moments
     if stepped:
         targets["optim"] = get_optimizer_state_dict(model, optimizer)
-    sharded.load_into(manager.store, manifest, filename, targets)
+    sharded.load_into(manager.store, filename, index, targets)
     fitting(source, "model state", lambda: set_model_state_dict(model, targets["model"]))
     if stepped:
         fitting(source, "optimizer state", lambda: set_optimizer_state_dict(model, optimizer, targets["optim"]))

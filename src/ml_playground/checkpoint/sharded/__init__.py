@@ -29,7 +29,6 @@ from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ml_playground import errors
-from ml_playground.checkpoint._checkpoint import Checkpoint
 from ml_playground.checkpoint._store import CheckpointStore
 from ml_playground.checkpoint.sharded._assemble import (
     assemble,
@@ -145,15 +144,14 @@ def save_async(
 
 def load_into(
     store: CheckpointStore,
-    manifest: Checkpoint,
     filename: str,
+    index: ShardIndex,
     state: dict[str, Any],
     *,
     process_group: dist.ProcessGroup | None = None,
 ) -> None:
-    """Fill ``state`` (this run's sharded templates) from checkpoint ``filename``, whose ``manifest`` was read."""
-    source = f"{store.url}/{filename}"
-    reader = StoreReader(store, ShardIndex.of(manifest.shards, filename, source))
+    """Fill ``state`` (this run's sharded templates) from checkpoint ``filename``, whose manifest gave ``index``."""
+    reader = StoreReader(store, index)
     with _failures(store, filename, None), _quiet():
         state_dict_loader.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=process_group)
 
