@@ -70,10 +70,7 @@ def verify_parts(store: CheckpointStore, shards: Mapping[str, Any], filename: st
             )
     entries = index.metadata.state_dict_metadata
     items = sorted(index.items().items(), key=lambda item: (item[1]["part"], item[1]["offset"]))
-    wanted: dict[str, list[tuple[int, int]]] = {}
-    for _, info in items:
-        wanted.setdefault(info["part"], []).append((info["offset"], info["offset"] + info["length"]))
-    with read_parts(store, wanted) as readers:  # one item in memory at a time
+    with read_parts(store, [info for _, info in items]) as readers:  # one item in memory at a time
         for (fqn, _), info in items:
             data = readers[info["part"]].read(info["offset"], info["length"], info["xxh3"])
             if not isinstance(entries[fqn], TensorStorageMetadata):
@@ -91,10 +88,7 @@ def assemble(store: CheckpointStore, index: ShardIndex, sections: Collection[str
         for fqn, value in entries.items()
         if isinstance(value, TensorStorageMetadata) and paths[fqn][0] in sections
     }
-    wanted: dict[str, list[tuple[int, int]]] = {}
-    for info in items.values():
-        wanted.setdefault(info["part"], []).append((info["offset"], info["offset"] + info["length"]))
-    with read_parts(store, wanted) as readers:
+    with read_parts(store, items.values()) as readers:
         for (fqn, offsets), info in sorted(items.items(), key=lambda item: (item[1]["part"], item[1]["offset"])):
             data = readers[info["part"]].read(info["offset"], info["length"], info["xxh3"])
             value = entries[fqn]
@@ -107,7 +101,7 @@ def assemble(store: CheckpointStore, index: ShardIndex, sections: Collection[str
             target = values[fqn]
             for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
                 target = target.narrow(dim, start, length)
-            target.copy_(torch.frombuffer(bytearray(data), dtype=value.properties.dtype).reshape(target.shape))
+            target.copy_(torch.frombuffer(data, dtype=value.properties.dtype).reshape(target.shape))
     nested: dict[str, Any] = {}
     for fqn, value in values.items():
         _place(nested, paths[fqn], value, len(paths), source)

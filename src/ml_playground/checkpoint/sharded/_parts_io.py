@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -16,6 +16,7 @@ import xxhash
 
 from ml_playground.checkpoint._store import CheckpointStore
 from ml_playground.checkpoint.format import coalesce
+from ml_playground.checkpoint.sharded._metadata import ItemInfo
 from ml_playground.errors import CheckpointCorruptError, CheckpointNotFoundError, StorageError
 
 __all__ = ["PartReader", "read_parts"]
@@ -94,8 +95,11 @@ class PartReader:
 
 
 @contextlib.contextmanager
-def read_parts(store: CheckpointStore, wanted: dict[str, list[tuple[int, int]]]) -> Iterator[dict[str, PartReader]]:
-    """A reader for each part in ``wanted`` (part name -> the byte ranges that will be read from it)."""
+def read_parts(store: CheckpointStore, items: Iterable[ItemInfo]) -> Iterator[dict[str, PartReader]]:
+    """A reader for each part holding one of ``items`` (the saved items that will be read)."""
+    wanted: dict[str, list[tuple[int, int]]] = {}
+    for info in items:
+        wanted.setdefault(info["part"], []).append((info["offset"], info["offset"] + info["length"]))
     capabilities = store.capabilities
     with contextlib.ExitStack() as stack:
         readers: dict[str, PartReader] = {}

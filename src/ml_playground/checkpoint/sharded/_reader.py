@@ -55,11 +55,8 @@ class StoreReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         requests = [(self._info(request), request) for request in plan.items]
-        wanted: dict[str, list[tuple[int, int]]] = {}
-        for info, _ in requests:
-            wanted.setdefault(info["part"], []).append((info["offset"], info["offset"] + info["length"]))
         entries = self.index.metadata.state_dict_metadata
-        with read_parts(self.store, wanted) as readers:
+        with read_parts(self.store, [info for info, _ in requests]) as readers:
             cached: tuple[tuple[str, int], torch.Tensor] | None = None
             # one buffer for every chunk that is read whole and copied in pieces (resharding), grown to the
             # largest: fresh buffers of varying sizes, freed in turn, grew a rank's heap by several chunks
